@@ -1,0 +1,193 @@
+//! The application: its shared state, start-up (database, reconciliation, probes,
+//! background tasks) and the serve loop with graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::tokens;
+use crate::auth::AllowList;
+use crate::config::Config;
+use crate::http::extract::{admin_digest, LastUsed};
+use crate::probe::Probes;
+use crate::store::Db;
+
+/// How often batched `last_used_at` stamps are written.
+const LAST_USED_FLUSH: Duration = Duration::from_secs(5);
+/// How long shutdown waits for in-flight requests after their children were told to stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long the first CLI probe may hold up start-up.
+const FIRST_PROBE_LIMIT: Duration = Duration::from_secs(6);
+
+/// Everything handlers share.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub probes: Probes,
+    pub started_at: Instant,
+    pub last_used: LastUsed,
+    /// Cancelled when the server begins shutting down; long-running work watches it.
+    pub shutdown: CancellationToken,
+    pub allow_cidrs: AllowList,
+    pub trusted_proxies: AllowList,
+    pub admin_digest: Option<[u8; 32]>,
+}
+
+impl AppState {
+    /// The largest JSON body accepted: a prompt at the byte limit may grow up to six-fold
+    /// when JSON-escaped (`\u0000`), plus room for the other fields.
+    pub fn json_body_limit(&self) -> usize {
+        self.config
+            .settings
+            .max_prompt_bytes
+            .saturating_mul(6)
+            .saturating_add(64 * 1024)
+    }
+
+    /// Called after a token is revoked (by the admin API) to stop what it owns.
+    pub async fn on_token_revoked(&self, _token_id: &str) {}
+}
+
+/// A started application: state built, database open, background tasks running.
+pub struct App {
+    state: Arc<AppState>,
+}
+
+impl App {
+    /// Opens the database, reconciles what a previous process left behind, probes the CLIs
+    /// (bounded), and starts the background tasks.
+    pub async fn start(config: Config) -> anyhow::Result<App> {
+        let config = Arc::new(config);
+        for dir in [
+            &config.settings.data_dir,
+            &config.runs_dir,
+            &config.sessions_dir,
+            &config.uploads_dir,
+        ] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        }
+        let db = Db::open(&config.db_path)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.db_path.display()))?;
+        let abandoned = db.write(|c| crate::audit::abandon_running(c)).await?;
+        if abandoned > 0 {
+            tracing::warn!(
+                abandoned,
+                "marked work in flight at the last shutdown as abandoned"
+            );
+        }
+
+        let probes = Probes::default();
+        if tokio::time::timeout(FIRST_PROBE_LIMIT, probes.refresh(&config))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "CLI probe did not finish at start-up; /healthz reports them absent for now"
+            );
+        }
+        let shutdown = CancellationToken::new();
+        probes.spawn_refresher(config.clone(), shutdown.clone());
+
+        let state = Arc::new(AppState {
+            allow_cidrs: AllowList(config.settings.allow_cidrs.clone()),
+            trusted_proxies: AllowList(config.settings.trusted_proxies.clone()),
+            admin_digest: config
+                .settings
+                .admin_bootstrap_token
+                .as_deref()
+                .map(admin_digest),
+            config,
+            db,
+            probes,
+            started_at: Instant::now(),
+            last_used: LastUsed::default(),
+            shutdown,
+        });
+        spawn_last_used_flusher(state.clone());
+        Ok(App { state })
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    pub fn router(&self) -> axum::Router {
+        crate::http::router(self.state.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, tells running work to stop,
+    /// waits (bounded) for in-flight answers, flushes and closes the database.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let stop = state.shutdown.clone();
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let signalled = CancellationToken::new();
+        let signalled_tx = signalled.clone();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            signalled_tx.cancel();
+            stop.cancel();
+        });
+        let server = tokio::spawn(async move { server.await });
+        let mut server = server;
+        tokio::select! {
+            res = &mut server => { res??; }
+            _ = async { signalled.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+                tracing::warn!("in-flight requests did not finish in time; closing anyway");
+                server.abort();
+            }
+        }
+        state.shutdown.cancel();
+        flush_last_used(&state).await;
+        state.db.clone().close().await;
+        Ok(())
+    }
+}
+
+/// Starts the application and serves on `listener` until `shutdown` resolves. `main` and
+/// the tests both come through here.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    App::start(config).await?.serve(listener, shutdown).await
+}
+
+async fn flush_last_used(state: &AppState) {
+    let stamps = state.last_used.take();
+    if stamps.is_empty() {
+        return;
+    }
+    if let Err(e) = state
+        .db
+        .write(move |c| tokens::touch_many(c, &stamps))
+        .await
+    {
+        tracing::warn!(error = %e, "could not record token use");
+    }
+}
+
+fn spawn_last_used_flusher(state: Arc<AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LAST_USED_FLUSH);
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => break,
+                _ = tick.tick() => flush_last_used(&state).await,
+            }
+        }
+    });
+}

@@ -1,0 +1,183 @@
+//! App tokens: `cf_` + 43 base62 characters (256 bits of randomness), stored only as the
+//! hex SHA-256 of the plaintext. The functions here take a plain `rusqlite::Connection` so
+//! the HTTP admin routes (through the writer task) and the `tokens` subcommand (directly)
+//! share them.
+
+use rand::Rng;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::audit::{self, AuditEntry};
+use crate::util::{new_id, now_ms, rfc3339};
+
+pub const TOKEN_PREFIX: &str = "cf_";
+const TOKEN_RANDOM_CHARS: usize = 43; // 43 * log2(62) = 256.1 bits
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A token as stored, minus its hash.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub name: String,
+    pub ip_cidrs: Vec<String>,
+    #[serde(serialize_with = "crate::util::ser_rfc3339")]
+    pub created_at: i64,
+    #[serde(serialize_with = "crate::util::ser_opt_rfc3339")]
+    pub last_used_at: Option<i64>,
+    #[serde(serialize_with = "crate::util::ser_opt_rfc3339")]
+    pub revoked_at: Option<i64>,
+}
+
+/// A fresh plaintext token. `rand::rng()` is a CSPRNG seeded from the OS.
+pub fn mint_plaintext() -> String {
+    let mut rng = rand::rng();
+    let mut s = String::with_capacity(TOKEN_PREFIX.len() + TOKEN_RANDOM_CHARS);
+    s.push_str(TOKEN_PREFIX);
+    for _ in 0..TOKEN_RANDOM_CHARS {
+        s.push(BASE62[rng.random_range(0..BASE62.len())] as char);
+    }
+    s
+}
+
+/// Hex SHA-256 of a bearer, the only form a token is stored in.
+pub fn hash_token(plaintext: &str) -> String {
+    hex::encode(Sha256::digest(plaintext.as_bytes()))
+}
+
+/// Whether `s` has the shape of an app token (so it is worth a database lookup).
+pub fn looks_like_app_token(s: &str) -> bool {
+    s.strip_prefix(TOKEN_PREFIX)
+        .is_some_and(|rest| rest.len() >= 32 && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+const COLUMNS: &str = "id, name, ip_cidrs, created_at, last_used_at, revoked_at";
+
+fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    let cidrs: String = row.get(2)?;
+    Ok(TokenRecord {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        ip_cidrs: serde_json::from_str(&cidrs).unwrap_or_default(),
+        created_at: row.get(3)?,
+        last_used_at: row.get(4)?,
+        revoked_at: row.get(5)?,
+    })
+}
+
+/// Creates a token and its audit row in one transaction; returns it with its plaintext,
+/// which is never stored.
+pub fn mint(
+    conn: &mut Connection,
+    name: &str,
+    ip_cidrs: &[String],
+    actor: &str,
+) -> rusqlite::Result<(TokenRecord, String)> {
+    let plaintext = mint_plaintext();
+    let record = TokenRecord {
+        id: new_id("tok_"),
+        name: name.to_string(),
+        ip_cidrs: ip_cidrs.to_vec(),
+        created_at: now_ms(),
+        last_used_at: None,
+        revoked_at: None,
+    };
+    let tx = conn.transaction()?;
+    tx.execute(
+        "INSERT INTO tokens (id, name, hash, ip_cidrs, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            record.id,
+            record.name,
+            hash_token(&plaintext),
+            serde_json::to_string(&record.ip_cidrs).unwrap_or_else(|_| "[]".into()),
+            record.created_at
+        ],
+    )?;
+    audit::insert(
+        &tx,
+        &AuditEntry::admin("token_mint", actor, &record.id, Some(&record.name)),
+    )?;
+    tx.commit()?;
+    Ok((record, plaintext))
+}
+
+pub fn list(conn: &Connection) -> rusqlite::Result<Vec<TokenRecord>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM tokens ORDER BY created_at DESC, id"
+    ))?;
+    let rows = stmt.query_map([], from_row)?;
+    rows.collect()
+}
+
+pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<TokenRecord>> {
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM tokens WHERE id = ?1"),
+        [id],
+        from_row,
+    )
+    .optional()
+}
+
+/// Looks a bearer up by its hash. Revoked tokens are returned too; the caller decides.
+pub fn find_by_hash(conn: &Connection, hash: &str) -> rusqlite::Result<Option<TokenRecord>> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM tokens WHERE hash = ?1"))?;
+    stmt.query_row([hash], from_row).optional()
+}
+
+/// Revokes a token (idempotent) and records it. `Ok(None)`: no such token.
+pub fn revoke(
+    conn: &mut Connection,
+    id: &str,
+    actor: &str,
+) -> rusqlite::Result<Option<TokenRecord>> {
+    let tx = conn.transaction()?;
+    let now = now_ms();
+    let changed = tx.execute(
+        "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+        params![id, now],
+    )?;
+    let record = get(&tx, id)?;
+    if record.is_some() && changed > 0 {
+        audit::insert(&tx, &AuditEntry::admin("token_revoke", actor, id, None))?;
+    }
+    tx.commit()?;
+    Ok(record)
+}
+
+/// Writes batched `last_used_at` stamps (see `http::extract::LastUsed`).
+pub fn touch_many(conn: &mut Connection, stamps: &[(String, i64)]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "UPDATE tokens SET last_used_at = max(coalesce(last_used_at, 0), ?2) WHERE id = ?1",
+        )?;
+        for (id, at) in stamps {
+            stmt.execute(params![id, at])?;
+        }
+    }
+    tx.commit()
+}
+
+/// For printing tables: an RFC 3339 time or "-".
+pub fn show_time(ms: Option<i64>) -> String {
+    ms.map(rfc3339).unwrap_or_else(|| "-".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_shape_and_entropy() {
+        let a = mint_plaintext();
+        let b = mint_plaintext();
+        assert_ne!(a, b);
+        assert!(looks_like_app_token(&a));
+        assert_eq!(a.len(), 3 + 43);
+        // 43 base62 characters carry at least 190 bits.
+        assert!((43.0 * 62f64.log2()) >= 190.0);
+        assert_eq!(hash_token(&a).len(), 64);
+        assert!(!looks_like_app_token("cf_short"));
+        assert!(!looks_like_app_token("Bearer cf_..."));
+    }
+}

@@ -1,0 +1,185 @@
+//! The HTTP boundary's one error type: every failure a client can see, each with its status
+//! and stable `code`, rendered as the API's envelope `{"ok":false,"error","code"}`. 5xx
+//! answers carry a generic sentence; their cause is logged, never sent.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing, malformed, unknown or revoked bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    BudgetExhausted(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("a turn is already running in this session")]
+    Busy,
+    #[error("the session is closed")]
+    SessionClosed,
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("the server is busy; try again later")]
+    Overloaded { retry_after_secs: u64 },
+    #[error("rate limit reached; try again later")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("{message}")]
+    UsageLimit {
+        message: String,
+        retry_after_secs: u64,
+    },
+    #[error("{0}")]
+    Upstream(String),
+    #[error("the agent printed more than the output limit and was stopped")]
+    OutputTooLarge,
+    #[error("the request passed its timeout_secs and was stopped")]
+    Timeout,
+    #[error("the server is out of disk space")]
+    InsufficientStorage,
+    /// Something went wrong inside the server. The cause is logged, never answered.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The error envelope, as sent.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub ok: bool,
+    pub error: String,
+    pub code: &'static str,
+}
+
+impl ApiError {
+    pub fn internal(cause: impl std::fmt::Display) -> ApiError {
+        ApiError::Internal(cause.to_string())
+    }
+
+    pub fn bad_request(msg: impl Into<String>) -> ApiError {
+        ApiError::BadRequest(msg.into())
+    }
+
+    pub fn not_found(what: &str) -> ApiError {
+        ApiError::NotFound(format!("no such {what}"))
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::BudgetExhausted(_) => StatusCode::PAYMENT_REQUIRED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Busy | ApiError::SessionClosed => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Overloaded { .. }
+            | ApiError::RateLimited { .. }
+            | ApiError::UsageLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Upstream(_) | ApiError::OutputTooLarge => StatusCode::BAD_GATEWAY,
+            ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable code clients switch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::BudgetExhausted(_) => "budget_exhausted",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Busy => "busy",
+            ApiError::SessionClosed => "session_closed",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::UsageLimit { .. } => "usage_limit",
+            ApiError::Upstream(_) => "upstream_error",
+            ApiError::OutputTooLarge => "output_too_large",
+            ApiError::Timeout => "timeout",
+            ApiError::InsufficientStorage => "insufficient_storage",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::Overloaded { retry_after_secs }
+            | ApiError::RateLimited { retry_after_secs }
+            | ApiError::UsageLimit {
+                retry_after_secs, ..
+            } => Some((*retry_after_secs).max(1)),
+            _ => None,
+        }
+    }
+
+    /// The sentence sent to the client: the variant's own for 4xx and upstream errors
+    /// (which quote the CLI, never the server), a generic one for internal failures.
+    pub fn public_message(&self) -> String {
+        match self {
+            ApiError::Internal(_) => "internal server error".to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            ok: false,
+            error: self.public_message(),
+            code: self.code(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(cause) = &self {
+            tracing::error!(%cause, "internal error");
+        }
+        let mut res = (self.status(), Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after() {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if matches!(self, ApiError::Unauthorized) {
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        res
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        if let StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) = &e {
+            if f.code == rusqlite::ErrorCode::DiskFull {
+                return ApiError::InsufficientStorage;
+            }
+        }
+        ApiError::internal(e)
+    }
+}
+
+impl From<std::io::Error> for ApiError {
+    fn from(e: std::io::Error) -> Self {
+        if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+            return ApiError::InsufficientStorage;
+        }
+        ApiError::internal(e)
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

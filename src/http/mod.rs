@@ -1,0 +1,124 @@
+//! HTTP: the router (every route and layer in one place), the allowlist middleware, request
+//! ids and request logging, and the envelope for answers axum would otherwise give itself.
+
+pub mod admin;
+pub mod extract;
+pub mod health;
+pub mod sessions;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{HeaderName, HeaderValue, Response};
+use axum::middleware::{self, Next};
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use serde::Serialize;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+
+use crate::app::AppState;
+use crate::auth::{client_ip, ip_allowed};
+use crate::error::ApiError;
+use extract::ClientIp;
+
+/// Success bodies: `{"ok": true, ...fields of T}`.
+#[derive(Debug, Serialize)]
+pub struct Ok<T: Serialize> {
+    pub ok: bool,
+    #[serde(flatten)]
+    pub body: T,
+}
+
+pub fn ok<T: Serialize>(body: T) -> axum::Json<Ok<T>> {
+    axum::Json(Ok { ok: true, body })
+}
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Request ids: random, short, and echoed back in `x-request-id`.
+#[derive(Clone, Default)]
+struct MakeId;
+
+impl MakeRequestId for MakeId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        HeaderValue::from_str(&crate::util::new_id("req_"))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// The router with every route and layer.
+pub fn router(state: Arc<AppState>) -> Router {
+    let json_limit = state.json_body_limit();
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|req: &axum::http::Request<_>| {
+            let id = req
+                .headers()
+                .get(&REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            // Only the path: query strings are the client's business, and the bearer is
+            // never part of the span.
+            tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path(),
+                                token_id = tracing::field::Empty)
+        })
+        .on_request(())
+        .on_response(|res: &Response<_>, latency: Duration, _span: &Span| {
+            tracing::info!(
+                status = res.status().as_u16(),
+                latency_ms = latency.as_millis() as u64,
+                "answered"
+            );
+        })
+        .on_failure(());
+
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/admin/tokens", post(admin::mint).get(admin::list))
+        .route("/admin/tokens/{id}", delete(admin::revoke))
+        .route("/admin/audit", get(admin::audit))
+        .route("/sessions", get(sessions::list))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(json_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), allowlist))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(trace)
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeId))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Works out the client address and refuses anyone outside the global allowlist, before
+/// any route (or 404) is considered.
+async fn allowlist(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> axum::response::Response {
+    let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() else {
+        // Without a peer address nothing can be checked: refuse rather than guess.
+        return ApiError::Forbidden("client address unknown".into()).into_response();
+    };
+    let ip = client_ip(peer.ip(), req.headers(), &state.trusted_proxies);
+    if !ip_allowed(ip, &state.allow_cidrs) {
+        return ApiError::Forbidden("your address is not allowed to use this server".into())
+            .into_response();
+    }
+    req.extensions_mut().insert(ClientIp(ip));
+    next.run(req).await
+}

@@ -1,0 +1,29 @@
+//! clawdforge: a LAN appliance that brokers access to coding agents over HTTP.
+//!
+//! `main.rs` parses the configuration and calls [`run`]; tests call the same function on
+//! `127.0.0.1:0`. The modules, one concern each:
+//! - [`config`]: every setting, from env or flags;
+//! - [`http`]: routes, extractors, the error envelope;
+//! - [`auth`]: app tokens, the admin bearer, CIDR allowlists;
+//! - [`store`]: SQLite, its writer task and migrations;
+//! - [`audit`]: the audit log;
+//! - [`process`]: the environment agent children get;
+//! - [`probe`]: cached CLI version probes for `/healthz`;
+//! - [`cli`]: subcommands that work without a server.
+
+pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod doctor;
+pub mod error;
+pub mod http;
+pub mod probe;
+pub mod process;
+pub mod sessions;
+pub mod store;
+pub mod util;
+
+pub use app::{run, App, AppState};
+pub use config::Config;

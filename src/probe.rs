@@ -1,0 +1,85 @@
+//! Cached CLI probes behind `/healthz`: `claude --version` and `acpx --version`, run once
+//! before the server listens and then on a background timer, never per request.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::process::child_env;
+
+/// How long one probe may take before it counts as "not present".
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProbeSnapshot {
+    pub claude_version: Option<String>,
+    pub acpx_version: Option<String>,
+}
+
+#[derive(Clone, Default)]
+pub struct Probes(Arc<RwLock<ProbeSnapshot>>);
+
+impl Probes {
+    pub fn snapshot(&self) -> ProbeSnapshot {
+        self.0.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Probes both CLIs (concurrently) and stores the result.
+    pub async fn refresh(&self, config: &Config) -> ProbeSnapshot {
+        let (claude, acpx) = tokio::join!(
+            version_of(config, &config.settings.claude_bin),
+            version_of(config, &config.settings.acpx_bin)
+        );
+        let snap = ProbeSnapshot {
+            claude_version: claude,
+            acpx_version: acpx,
+        };
+        if let Ok(mut s) = self.0.write() {
+            if *s != snap {
+                tracing::info!(claude = ?snap.claude_version, acpx = ?snap.acpx_version, "CLI probe");
+            }
+            *s = snap.clone();
+        }
+        snap
+    }
+
+    /// Refreshes every `CLAWDFORGE_PROBE_INTERVAL_SECS` until `stop`.
+    pub fn spawn_refresher(&self, config: Arc<Config>, stop: CancellationToken) {
+        let probes = self.clone();
+        let every = Duration::from_secs(config.settings.probe_interval_secs);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => { probes.refresh(&config).await; }
+                }
+            }
+        });
+    }
+}
+
+/// `PROGRAM --version`, first line, trimmed; `None` when missing, failing or slow.
+pub async fn version_of(config: &Config, program: &std::path::Path) -> Option<String> {
+    let mut cmd = Command::new(program);
+    cmd.arg("--version")
+        .env_clear()
+        .envs(child_env(config))
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(PROBE_TIMEOUT, cmd.output())
+        .await
+        .ok()?
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+}

@@ -1,0 +1,4 @@
+//! Multi-turn sessions through `acpx`: creating, turning, cancelling and closing them, and
+//! the rows that record them.
+
+pub mod store;

@@ -1,0 +1,115 @@
+//! Session rows: what `GET /sessions` and `GET /sessions/{id}` show, and the updates turns,
+//! closes and the sweeper make.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+/// A session as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionRecord {
+    pub session_id: String,
+    #[serde(skip)]
+    pub token_id: String,
+    pub agent: String,
+    pub model: String,
+    #[serde(skip)]
+    pub system_prompt: Option<String>,
+    #[serde(skip)]
+    pub acpx_name: String,
+    #[serde(skip)]
+    pub acpx_record_id: Option<String>,
+    #[serde(skip)]
+    pub cwd: String,
+    pub status: String,
+    #[serde(serialize_with = "crate::util::ser_rfc3339")]
+    pub created_at: i64,
+    #[serde(serialize_with = "crate::util::ser_rfc3339")]
+    pub last_used_at: i64,
+    #[serde(serialize_with = "crate::util::ser_opt_rfc3339")]
+    pub closed_at: Option<i64>,
+    pub turn_count: i64,
+    /// Whether a turn is running now (filled from memory, not stored).
+    pub busy: bool,
+}
+
+const COLUMNS: &str = "id, token_id, agent, model, system_prompt, acpx_name, acpx_record_id, cwd,
+                       status, created_at, last_used_at, closed_at, turn_count";
+
+fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
+    Ok(SessionRecord {
+        session_id: r.get(0)?,
+        token_id: r.get(1)?,
+        agent: r.get(2)?,
+        model: r.get(3)?,
+        system_prompt: r.get(4)?,
+        acpx_name: r.get(5)?,
+        acpx_record_id: r.get(6)?,
+        cwd: r.get(7)?,
+        status: r.get(8)?,
+        created_at: r.get(9)?,
+        last_used_at: r.get(10)?,
+        closed_at: r.get(11)?,
+        turn_count: r.get(12)?,
+        busy: false,
+    })
+}
+
+pub fn insert(conn: &Connection, s: &SessionRecord) -> rusqlite::Result<()> {
+    conn.execute(
+        &format!("INSERT INTO sessions ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+        params![
+            s.session_id, s.token_id, s.agent, s.model, s.system_prompt, s.acpx_name,
+            s.acpx_record_id, s.cwd, s.status, s.created_at, s.last_used_at, s.closed_at,
+            s.turn_count
+        ],
+    )?;
+    Ok(())
+}
+
+/// The caller's session, or `None` (also for another token's: they look the same).
+pub fn get_for(
+    conn: &Connection,
+    token_id: &str,
+    id: &str,
+) -> rusqlite::Result<Option<SessionRecord>> {
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1 AND token_id = ?2"),
+        params![id, token_id],
+        from_row,
+    )
+    .optional()
+}
+
+pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<SessionRecord>> {
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1"),
+        [id],
+        from_row,
+    )
+    .optional()
+}
+
+/// The caller's sessions, newest first; `status` filters when given.
+pub fn list_for(
+    conn: &Connection,
+    token_id: &str,
+    status: Option<&str>,
+) -> rusqlite::Result<Vec<SessionRecord>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM sessions WHERE token_id = ?1 AND (?2 IS NULL OR status = ?2)
+         ORDER BY created_at DESC, id DESC"
+    ))?;
+    let rows = stmt.query_map(params![token_id, status], from_row)?;
+    rows.collect()
+}
+
+/// Sessions matching a condition, for the sweeper and revocation.
+pub fn select_where(
+    conn: &Connection,
+    condition: &str,
+    args: impl rusqlite::Params,
+) -> rusqlite::Result<Vec<SessionRecord>> {
+    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM sessions WHERE {condition}"))?;
+    let rows = stmt.query_map(args, from_row)?;
+    rows.collect()
+}

@@ -1,0 +1,335 @@
+//! The `clawdforge` binary itself: settings and their errors, the `tokens` subcommands with
+//! and without a running server, logging, and SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::harness::{body, stub, TestServer};
+
+pub fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawdforge"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Every setting of API.md, by env name.
+const SETTINGS: &[&str] = &[
+    "CLAWDFORGE_LISTEN",
+    "CLAWDFORGE_DATA_DIR",
+    "ADMIN_BOOTSTRAP_TOKEN",
+    "ALLOW_CIDRS",
+    "CLAUDE_BIN",
+    "ACPX_BIN",
+    "RUNS_DIR",
+    "ACPX_SESSIONS_CWD",
+    "CLAWDFORGE_DEFAULT_MODEL",
+    "CLAWDFORGE_MAX_CONCURRENT",
+    "CLAWDFORGE_MAX_QUEUE",
+    "CLAWDFORGE_QUEUE_TIMEOUT_SECS",
+    "CLAWDFORGE_MAX_TIMEOUT_SECS",
+    "CLAWDFORGE_MAX_UPLOAD_BYTES",
+    "CLAWDFORGE_MAX_PROMPT_BYTES",
+    "CLAWDFORGE_MAX_OUTPUT_BYTES",
+    "CLAWDFORGE_SWEEP_INTERVAL_SECS",
+    "CLAWDFORGE_SESSION_TTL_SECS",
+    "CLAWDFORGE_SESSION_HARD_TTL_SECS",
+    "CLAWDFORGE_AUDIT_PROMPTS",
+    "CLAWDFORGE_AUDIT_RETENTION_DAYS",
+    "CLAWDFORGE_TRUSTED_PROXIES",
+    "CLAWDFORGE_CHILD_ENV",
+    "CLAWDFORGE_AGENTS",
+    "CLAWDFORGE_SESSION_PERMISSIONS",
+    "CLAWDFORGE_METRICS_OPEN",
+    "CLAWDFORGE_WARM_POOL",
+    "CLAWDFORGE_WARM_MAX_IDLE_SECS",
+];
+
+#[test]
+fn help_lists_every_setting_by_env_name() {
+    for args in [&["--help"][..], &["serve", "--help"][..]] {
+        let out = bin().args(args).output().unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        for name in SETTINGS {
+            assert!(
+                help.contains(&format!("env: {name}")),
+                "{args:?} does not list {name}"
+            );
+        }
+        assert!(
+            !help.contains("env: ADMIN_BOOTSTRAP_TOKEN="),
+            "secret values are hidden"
+        );
+    }
+}
+
+#[test]
+fn bad_values_stop_start_up_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, value) in [
+        ("ALLOW_CIDRS", "10.0.0.0/33"),
+        ("CLAWDFORGE_LISTEN", "nope"),
+        ("CLAWDFORGE_MAX_CONCURRENT", "0"),
+        ("CLAWDFORGE_AUDIT_PROMPTS", "maybe"),
+        ("CLAWDFORGE_SESSION_PERMISSIONS", "approve-everything"),
+        ("CLAWDFORGE_TRUSTED_PROXIES", "10.0.0.1/8,nonsense"),
+    ] {
+        let out = bin()
+            .env("CLAWDFORGE_DATA_DIR", dir.path())
+            .env(name, value)
+            .arg("serve")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{name}={value} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(name), "{name}: {err}");
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn tokens_subcommands_work_offline_and_a_running_server_honours_them() {
+    let s = TestServer::start().await;
+    let data = s.data_dir();
+    let data = data.as_path();
+    // Minted while the server runs (same database, another process).
+    let minted: Value =
+        serde_json::from_str(&run_ok(bin().env("CLAWDFORGE_DATA_DIR", data).args([
+            "tokens",
+            "mint",
+            "--name",
+            "cli-app",
+            "--cidr",
+            "127.0.0.0/8",
+            "--json",
+        ])))
+        .unwrap();
+    let token = minted["token"].as_str().unwrap();
+    let id = minted["id"].as_str().unwrap();
+    assert_eq!(
+        body(s.app(token, Method::GET, "/sessions").send().await.unwrap())
+            .await
+            .0,
+        200
+    );
+
+    let list = run_ok(
+        bin()
+            .env("CLAWDFORGE_DATA_DIR", data)
+            .args(["tokens", "list"]),
+    );
+    assert!(
+        list.contains(id) && list.contains("cli-app") && !list.contains(token),
+        "{list}"
+    );
+    let json_list: Value = serde_json::from_str(&run_ok(
+        bin()
+            .env("CLAWDFORGE_DATA_DIR", data)
+            .args(["tokens", "list", "--json"]),
+    ))
+    .unwrap();
+    assert_eq!(json_list[0]["ip_cidrs"][0], "127.0.0.0/8");
+
+    run_ok(
+        bin()
+            .env("CLAWDFORGE_DATA_DIR", data)
+            .args(["tokens", "revoke", id]),
+    );
+    assert_eq!(
+        body(s.app(token, Method::GET, "/sessions").send().await.unwrap())
+            .await
+            .0,
+        401
+    );
+    let out = bin()
+        .env("CLAWDFORGE_DATA_DIR", data)
+        .args(["tokens", "revoke", "tok_missing"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let kinds: Vec<String> = s
+        .audit_rows("token_revoke")
+        .iter()
+        .map(|r| r["subject"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds, vec![id.to_string()]);
+}
+
+#[test]
+fn tokens_mint_creates_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fresh/data");
+    let token = run_ok(
+        bin()
+            .env("CLAWDFORGE_DATA_DIR", &data)
+            .args(["tokens", "mint", "--name", "first"]),
+    );
+    assert!(token.trim().starts_with("cf_"));
+    assert!(data.join("clawdforge.db").exists());
+}
+
+/// The binary serving on a free port, its stderr collected line by line.
+pub struct Served {
+    pub child: Child,
+    pub url: String,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+pub fn serve(data: &Path, extra: &[(&str, &str)]) -> Served {
+    let mut cmd = bin();
+    cmd.env("CLAWDFORGE_DATA_DIR", data)
+        .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
+        .env("CLAUDE_BIN", stub("claude"))
+        .env("ACPX_BIN", stub("acpx"))
+        .env("CLAWDFORGE_WARM_POOL", "0")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The server logs its bound address once it listens.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let url = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("server did not start");
+        if let Some(i) = line.find("127.0.0.1:") {
+            if line.contains("listening") {
+                let addr: String = line[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect();
+                break format!("http://{addr}");
+            }
+        }
+    };
+    Served {
+        child,
+        url,
+        lines: rx,
+    }
+}
+
+impl Served {
+    pub fn collect_lines(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn logs_carry_request_ids_and_token_ids_never_tokens_and_sigterm_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = "admin-secret-for-the-log-test-0123456789";
+    let mut served = serve(
+        dir.path(),
+        &[
+            ("ADMIN_BOOTSTRAP_TOKEN", admin),
+            ("CLAWDFORGE_LOG_FORMAT", "json"),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let res = client
+        .post(format!("{}/admin/tokens", served.url))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({"name": "logged"}))
+        .send()
+        .await
+        .unwrap();
+    let request_id = res.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (_, minted) = body(res).await;
+    let token = minted["token"].as_str().unwrap().to_string();
+    let res = client
+        .get(format!("{}/sessions", served.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = client
+        .get(format!("{}/sessions", served.url))
+        .bearer_auth("cf_wrongwrongwrongwrongwrongwrongwrongwrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    let status = served.terminate(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status:?}");
+    let lines = served.collect_lines();
+    let all = lines.join("\n");
+    assert!(
+        !all.contains(&token) && !all.contains(admin),
+        "a secret reached the log:\n{all}"
+    );
+    assert!(!all.contains("wrongwrong"));
+    let answered: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "answered")
+        .collect();
+    assert_eq!(answered.len(), 3, "{all}");
+    assert!(
+        answered
+            .iter()
+            .any(|v| v["span"]["id"] == request_id.as_str()),
+        "{all}"
+    );
+    let app = &answered[1];
+    assert_eq!(app["span"]["token_id"], minted["id"], "{app}");
+    assert_eq!(app["fields"]["status"], 200);
+    assert!(app["fields"]["latency_ms"].is_u64());
+}

@@ -1,0 +1,8 @@
+//! Integration tests: a real server on 127.0.0.1:0, spoken to over HTTP, with assertions on
+//! status, body and what is left behind. One binary (modules below) to keep linking cheap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod binary;
+mod foundation;
+mod harness;
+mod netns;
