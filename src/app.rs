@@ -14,6 +14,7 @@ use crate::auth::AllowList;
 use crate::config::Config;
 use crate::http::extract::{admin_digest, LastUsed};
 use crate::probe::Probes;
+use crate::slots::Slots;
 use crate::store::Db;
 
 /// How often batched `last_used_at` stamps are written.
@@ -35,6 +36,8 @@ pub struct AppState {
     pub allow_cidrs: AllowList,
     pub trusted_proxies: AllowList,
     pub admin_digest: Option<[u8; 32]>,
+    /// Admission control for agent processes (runs and turns).
+    pub slots: Slots,
 }
 
 impl AppState {
@@ -73,6 +76,13 @@ impl App {
         }
         let db = Db::open(&config.db_path)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.db_path.display()))?;
+        // Whatever the previous process left running is killed before its rows are
+        // marked abandoned, so nothing it started outlives this start-up.
+        let (killed, dirs) = crate::process::reconcile(&db).await?;
+        if killed + dirs > 0 {
+            tracing::warn!(killed, dirs, "cleaned up after the previous process");
+        }
+        remove_orphan_run_dirs(&config.runs_dir);
         let abandoned = db.write(|c| crate::audit::abandon_running(c)).await?;
         if abandoned > 0 {
             tracing::warn!(
@@ -101,6 +111,11 @@ impl App {
                 .admin_bootstrap_token
                 .as_deref()
                 .map(admin_digest),
+            slots: Slots::new(
+                config.settings.max_concurrent as usize,
+                config.settings.max_queue as usize,
+                Duration::from_secs(config.settings.queue_timeout_secs),
+            ),
             config,
             db,
             probes,
@@ -190,4 +205,14 @@ fn spawn_last_used_flusher(state: Arc<AppState>) {
             }
         }
     });
+}
+
+/// At start-up no run is live, so every run dir is an orphan.
+fn remove_orphan_run_dirs(runs_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(runs_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        crate::process::remove_dir(&entry.path());
+    }
 }

@@ -46,6 +46,9 @@ pub enum ApiError {
     Timeout,
     #[error("the server is out of disk space")]
     InsufficientStorage,
+    /// The work was stopped before it could answer (server shutting down).
+    #[error("{0}")]
+    Unavailable(String),
     /// Something went wrong inside the server. The cause is logged, never answered.
     #[error("internal error: {0}")]
     Internal(String),
@@ -88,6 +91,7 @@ impl ApiError {
             ApiError::Upstream(_) | ApiError::OutputTooLarge => StatusCode::BAD_GATEWAY,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -111,6 +115,7 @@ impl ApiError {
             ApiError::OutputTooLarge => "output_too_large",
             ApiError::Timeout => "timeout",
             ApiError::InsufficientStorage => "insufficient_storage",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal_error",
         }
     }

@@ -7,7 +7,11 @@
 //! - [`auth`]: app tokens, the admin bearer, CIDR allowlists;
 //! - [`store`]: SQLite, its writer task and migrations;
 //! - [`audit`]: the audit log;
-//! - [`process`]: the environment agent children get;
+//! - [`process`]: supervised agent processes (env allowlist, process groups, kills);
+//! - [`runner`]: one-shot `claude -p` runs;
+//! - [`slots`]: admission control for agent processes;
+//! - [`files`]: uploads and staging them into working dirs;
+//! - [`sessions`]: multi-turn sessions through acpx;
 //! - [`probe`]: cached CLI version probes for `/healthz`;
 //! - [`cli`]: subcommands that work without a server.
 
@@ -18,10 +22,13 @@ pub mod cli;
 pub mod config;
 pub mod doctor;
 pub mod error;
+pub mod files;
 pub mod http;
 pub mod probe;
 pub mod process;
+pub mod runner;
 pub mod sessions;
+pub mod slots;
 pub mod store;
 pub mod util;
 

@@ -4,6 +4,8 @@
 pub mod admin;
 pub mod extract;
 pub mod health;
+pub mod params;
+pub mod runs;
 pub mod sessions;
 
 use std::net::SocketAddr;
@@ -84,6 +86,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/tokens", post(admin::mint).get(admin::list))
         .route("/admin/tokens/{id}", delete(admin::revoke))
         .route("/admin/audit", get(admin::audit))
+        .route("/run", post(runs::run))
         .route("/sessions", get(sessions::list))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -1,0 +1,101 @@
+//! Request fields shared by runs and turns, parsed once at the edge: past here nothing
+//! re-checks them.
+
+use std::time::Duration;
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult};
+
+/// Default `timeout_secs` of a run or turn.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 120;
+/// A system prompt travels in argv, where Linux caps one string at 128 KiB.
+const SYSTEM_MAX_BYTES: usize = 100_000;
+
+/// Non-empty, at most `CLAWDFORGE_MAX_PROMPT_BYTES` bytes (exactly at the limit is fine).
+pub fn prompt(state: &AppState, prompt: String) -> ApiResult<String> {
+    if prompt.trim().is_empty() {
+        return Err(ApiError::bad_request("prompt must not be empty"));
+    }
+    let max = state.config.settings.max_prompt_bytes;
+    if prompt.len() > max {
+        return Err(ApiError::TooLarge(format!(
+            "prompt is {} bytes; the limit is {max}",
+            prompt.len()
+        )));
+    }
+    Ok(prompt)
+}
+
+/// A model name or alias as the CLI takes it (`sonnet`, `claude-sonnet-4-5-20250929`,
+/// `us.anthropic.claude...:0`); the server's default when absent.
+pub fn model(state: &AppState, model: Option<String>) -> ApiResult<String> {
+    let Some(model) = model else {
+        return Ok(state.config.settings.default_model.clone());
+    };
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "._:-/@[]".contains(c);
+    if model.is_empty()
+        || model.len() > 128
+        || model.starts_with('-')
+        || !model.chars().all(ok_char)
+    {
+        return Err(ApiError::bad_request(
+            "model must be 1 to 128 characters of A-Z a-z 0-9 . _ : - / @ [ ]",
+        ));
+    }
+    Ok(model)
+}
+
+pub fn system(system: Option<String>) -> ApiResult<Option<String>> {
+    match system {
+        Some(s) if s.len() > SYSTEM_MAX_BYTES => Err(ApiError::TooLarge(format!(
+            "system is {} bytes; the limit is {SYSTEM_MAX_BYTES}",
+            s.len()
+        ))),
+        Some(s) if s.contains('\0') => Err(ApiError::bad_request("system must not contain NUL")),
+        Some(s) if s.trim().is_empty() => Ok(None),
+        other => Ok(other),
+    }
+}
+
+/// 1..=`CLAWDFORGE_MAX_TIMEOUT_SECS`, default 120 (capped by the maximum).
+pub fn timeout(state: &AppState, secs: Option<u64>) -> ApiResult<Duration> {
+    let max = state.config.settings.max_timeout_secs;
+    match secs {
+        None => Ok(Duration::from_secs(DEFAULT_TIMEOUT_SECS.min(max))),
+        Some(s) if (1..=max).contains(&s) => Ok(Duration::from_secs(s)),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "timeout_secs must be 1..{max}"
+        ))),
+    }
+}
+
+/// File tokens to attach: at most 100, each shaped like one.
+pub fn files(files: Option<Vec<String>>) -> ApiResult<Vec<String>> {
+    let files = files.unwrap_or_default();
+    if files.len() > 100 {
+        return Err(ApiError::bad_request("at most 100 files may be attached"));
+    }
+    for f in &files {
+        if !f.starts_with("ff_")
+            || f.len() > 64
+            || !f.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(ApiError::NotFound(format!(
+                "no such file: {}",
+                f.chars().take(64).collect::<String>()
+            )));
+        }
+    }
+    Ok(files)
+}
+
+/// Whether the client asked for SSE, by body flag or `Accept`.
+pub fn wants_stream(flag: Option<bool>, headers: &axum::http::HeaderMap) -> bool {
+    flag.unwrap_or_else(|| {
+        headers
+            .get_all(axum::http::header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("text/event-stream"))
+    })
+}

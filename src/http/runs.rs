@@ -1,0 +1,98 @@
+//! `POST /run`: one-shot prompts, answered as JSON or as an SSE stream.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+use crate::error::ApiResult;
+use crate::http::extract::{ApiJson, AppCaller};
+use crate::http::{ok, params};
+use crate::runner::{self, RunInput};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunBody {
+    pub prompt: String,
+    pub model: Option<String>,
+    pub system: Option<String>,
+    pub files: Option<Vec<String>>,
+    pub timeout_secs: Option<u64>,
+    pub stream: Option<bool>,
+}
+
+pub async fn run(
+    caller: AppCaller,
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<RunBody>,
+) -> ApiResult<Response> {
+    let input = RunInput {
+        prompt: params::prompt(&state, body.prompt)?,
+        model: params::model(&state, body.model)?,
+        system: params::system(body.system)?,
+        files: params::files(body.files)?,
+        timeout: params::timeout(&state, body.timeout_secs)?,
+    };
+    let streaming = params::wants_stream(body.stream, &headers);
+    let prepared = runner::prepare(&state, &caller.token.id, input).await?;
+    if !streaming {
+        // Not spawned: if the client hangs up, this future is dropped and the run's guards
+        // kill the process group, remove the dir and mark the audit row abandoned.
+        let answer = runner::execute(prepared, None, CancellationToken::new()).await?;
+        return Ok(ok(answer).into_response());
+    }
+    let (tx, rx) = mpsc::channel::<Value>(64);
+    let (out_tx, out_rx) = mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let forward = {
+            let out_tx = out_tx.clone();
+            async move {
+                let mut rx = rx;
+                while let Some(v) = rx.recv().await {
+                    if out_tx.send(sse("claude", &v)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        };
+        let forwarder = tokio::spawn(forward);
+        // The runner sees the client leave through `tx` closing: the forwarder ends when
+        // `out_tx` fails, dropping `rx`.
+        let result = runner::execute(prepared, Some(tx), CancellationToken::new()).await;
+        let _ = forwarder.await;
+        let last = match result {
+            Ok(answer) => sse(
+                "result",
+                &serde_json::to_value(ok(answer).0).unwrap_or(Value::Null),
+            ),
+            Err(e) => sse(
+                "error",
+                &serde_json::to_value(e.body()).unwrap_or(Value::Null),
+            ),
+        };
+        let _ = out_tx.send(last).await;
+    });
+    Ok(sse_response(out_rx).into_response())
+}
+
+pub fn sse(event: &str, data: &Value) -> Event {
+    Event::default().event(event).data(data.to_string())
+}
+
+pub fn sse_response(
+    rx: mpsc::Receiver<Event>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let stream = futures_util::StreamExt::map(stream, Ok::<Event, Infallible>);
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}

@@ -1,0 +1,348 @@
+//! One-shot runs: `claude -p` in a fresh staged working dir, supervised from spawn to exit.
+//! [`prepare`] does everything that can fail before an answer starts (slot, dir, files,
+//! audit row), so those failures are plain JSON even for streaming requests; [`execute`]
+//! runs the CLI, optionally forwarding each stream-json line, and closes the audit row
+//! before the answer leaves.
+
+pub mod parse;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+use crate::audit::{self, AuditEntry, Completion, Outcome};
+use crate::error::ApiError;
+use crate::process::{child_env, Event, Proc, ProcError, Spec};
+use crate::slots::Slot;
+use crate::util::new_id;
+
+/// A validated `/run` request.
+#[derive(Debug, Clone)]
+pub struct RunInput {
+    pub prompt: String,
+    pub model: String,
+    pub system: Option<String>,
+    pub files: Vec<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+/// The body of a successful run (also the `result` event of a streamed one).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunAnswer {
+    pub run_id: String,
+    pub result: Value,
+    pub duration_ms: u64,
+    pub stop_reason: String,
+    pub model: String,
+    pub usage: Usage,
+    pub cost_usd: f64,
+}
+
+/// Closes an audit row as `abandoned` if the run is dropped before it finished (the client
+/// hung up and the handler future was dropped).
+struct AuditGuard {
+    state: Arc<AppState>,
+    id: i64,
+    done: bool,
+}
+
+impl AuditGuard {
+    async fn complete(&mut self, c: Completion) {
+        self.done = true;
+        let id = self.id;
+        if let Err(e) = self
+            .state
+            .db
+            .write(move |conn| audit::complete(conn, id, &c))
+            .await
+        {
+            tracing::error!(error = %e, "could not close an audit row");
+        }
+    }
+}
+
+impl Drop for AuditGuard {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (db, id) = (self.state.db.clone(), self.id);
+        tokio::spawn(async move {
+            let c = Completion {
+                outcome: Some(Outcome::Abandoned),
+                detail: Some("client went away".into()),
+                ..Default::default()
+            };
+            let _ = db.write(move |conn| audit::complete(conn, id, &c)).await;
+        });
+    }
+}
+
+/// Removes a run dir however the run ends.
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        crate::process::remove_dir(&self.0);
+    }
+}
+
+/// A run ready to start: it holds its slot, dir and open audit row.
+pub struct Prepared {
+    state: Arc<AppState>,
+    pub run_id: String,
+    input: RunInput,
+    prompt_text: String,
+    dir: DirGuard,
+    audit: AuditGuard,
+    _slot: Slot,
+}
+
+/// Takes a slot (waiting in line), makes the run dir, stages the files, opens the audit row.
+pub async fn prepare(
+    state: &Arc<AppState>,
+    token_id: &str,
+    input: RunInput,
+) -> Result<Prepared, ApiError> {
+    let slot = state.slots.acquire().await?;
+    let run_id = new_id("run_");
+    let dir = state.config.runs_dir.join(&run_id);
+    tokio::fs::create_dir_all(&dir).await?;
+    let dir = DirGuard(dir);
+    let names = crate::files::stage_into(
+        &state.db,
+        &state.config.uploads_dir,
+        token_id,
+        &input.files,
+        &dir.0,
+    )
+    .await?;
+    let prompt_text = match crate::files::attachment_line(&names) {
+        Some(line) => format!("{}\n\n{line}", input.prompt),
+        None => input.prompt.clone(),
+    };
+    let entry = AuditEntry {
+        token_id: Some(token_id.to_string()),
+        kind: "run".into(),
+        model: Some(input.model.clone()),
+        prompt: state
+            .config
+            .settings
+            .audit_prompts
+            .then(|| input.prompt.clone()),
+        prompt_chars: Some(input.prompt.chars().count() as i64),
+        outcome: Some(Outcome::Running),
+        subject: Some(run_id.clone()),
+        ..Default::default()
+    };
+    let audit_id = state.db.write(move |c| audit::insert(c, &entry)).await?;
+    Ok(Prepared {
+        state: state.clone(),
+        run_id,
+        input,
+        prompt_text,
+        dir,
+        audit: AuditGuard {
+            state: state.clone(),
+            id: audit_id,
+            done: false,
+        },
+        _slot: slot,
+    })
+}
+
+/// The argv after the program: prompt on stdin, never here. `--flag=value` keeps a value
+/// that starts with `-` from being read as a flag.
+fn claude_args(input: &RunInput, streaming: bool) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["-p".into()];
+    if streaming {
+        args.extend([
+            "--output-format".into(),
+            "stream-json".into(),
+            "--verbose".into(),
+        ]);
+    } else {
+        args.extend(["--output-format".into(), "json".into()]);
+    }
+    args.push(format!("--model={}", input.model).into());
+    if let Some(system) = &input.system {
+        args.push(format!("--system-prompt={system}").into());
+    }
+    // One-shot runs need no resumable transcript on disk.
+    args.push("--no-session-persistence".into());
+    args
+}
+
+/// How a run ended, before it becomes an answer.
+enum End {
+    Exited(Option<i32>),
+    Timeout,
+    Cancelled(&'static str),
+    ClientGone,
+    TooLarge,
+}
+
+/// Runs the CLI. With `sink`, every stdout line that is JSON is forwarded as it arrives
+/// (the caller turns them into `event: claude`); a closed sink means the client is gone and
+/// the run is stopped.
+pub async fn execute(
+    mut p: Prepared,
+    sink: Option<mpsc::Sender<Value>>,
+    cancel: CancellationToken,
+) -> Result<RunAnswer, ApiError> {
+    let started = Instant::now();
+    let state = p.state.clone();
+    let spec = Spec {
+        program: state.config.settings.claude_bin.clone(),
+        args: claude_args(&p.input, sink.is_some()),
+        cwd: p.dir.0.clone(),
+        env: child_env(&state.config),
+        max_output: state.config.settings.max_output_bytes,
+        owns_dir: Some(p.dir.0.clone()),
+        audit_id: Some(p.audit.id),
+    };
+    let mut proc = match Proc::spawn(spec, Some(&state.db)).await {
+        Ok(proc) => proc,
+        Err(e) => {
+            tracing::error!(error = %e, "could not start claude");
+            let err = ApiError::Upstream("the agent could not be started".into());
+            p.audit
+                .complete(Completion {
+                    outcome: Some(Outcome::Error),
+                    detail: Some(err.code().into()),
+                    ..Default::default()
+                })
+                .await;
+            return Err(err);
+        }
+    };
+    // Feed the prompt concurrently with reading, so a child that talks before it reads
+    // cannot deadlock against us.
+    if let Some(mut stdin) = proc.stdin.take() {
+        let data = std::mem::take(&mut p.prompt_text).into_bytes();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(&data).await;
+            let _ = stdin.shutdown().await;
+        });
+    }
+
+    let deadline = tokio::time::sleep(p.input.timeout);
+    tokio::pin!(deadline);
+    let shutdown = state.shutdown.clone();
+    let mut result: Option<parse::CliResult> = None;
+    let end = loop {
+        let closed = async {
+            match &sink {
+                Some(s) => s.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ev = proc.next_event() => match ev {
+                Ok(Event::Line(line)) => {
+                    if let Some(r) = parse::parse_result_line(&line) {
+                        result = Some(r);
+                    }
+                    if let Some(sink) = &sink {
+                        if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+                            if sink.send(v).await.is_err() {
+                                break End::ClientGone;
+                            }
+                        }
+                    }
+                }
+                Ok(Event::Exited(status)) => break End::Exited(status.code()),
+                Err(ProcError::OutputTooLarge) => break End::TooLarge,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading claude's output failed");
+                    break End::Exited(None);
+                }
+            },
+            _ = &mut deadline => break End::Timeout,
+            _ = cancel.cancelled() => break End::Cancelled("cancelled"),
+            _ = shutdown.cancelled() => break End::Cancelled("server shutting down"),
+            _ = closed => break End::ClientGone,
+        }
+    };
+    if !matches!(end, End::Exited(_)) {
+        proc.terminate().await;
+    }
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let stderr = proc.stderr_tail();
+    drop(proc);
+
+    let now_secs = crate::util::now_ms() / 1000;
+    let (outcome, judged, exit_code) = match end {
+        End::Exited(code) => {
+            let j = parse::judge(result, code, &stderr, now_secs);
+            (
+                if j.is_ok() {
+                    Outcome::Ok
+                } else {
+                    Outcome::Error
+                },
+                j,
+                code,
+            )
+        }
+        End::Timeout => (Outcome::Timeout, Err(ApiError::Timeout), None),
+        End::Cancelled(why) => (
+            Outcome::Cancelled,
+            Err(ApiError::Unavailable(why.into())),
+            None,
+        ),
+        End::ClientGone => (
+            Outcome::Abandoned,
+            Err(ApiError::Unavailable("client went away".into())),
+            None,
+        ),
+        End::TooLarge => (Outcome::Error, Err(ApiError::OutputTooLarge), None),
+    };
+    let completion = match &judged {
+        Ok(r) => Completion {
+            outcome: Some(outcome),
+            response_chars: r.text.as_ref().map(|t| t.chars().count() as i64),
+            duration_ms: Some(duration_ms as i64),
+            exit_code: exit_code.map(i64::from),
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            cost_usd: r.cost_usd,
+            detail: None,
+        },
+        Err(e) => Completion {
+            outcome: Some(outcome),
+            duration_ms: Some(duration_ms as i64),
+            exit_code: exit_code.map(i64::from),
+            detail: Some(e.code().into()),
+            ..Default::default()
+        },
+    };
+    p.audit.complete(completion).await;
+    let r = judged?;
+    Ok(RunAnswer {
+        run_id: p.run_id.clone(),
+        result: parse::answer_value(r.text.as_deref().unwrap_or("")),
+        duration_ms,
+        stop_reason: r.stop_reason.unwrap_or_else(|| "end_turn".into()),
+        model: p.input.model.clone(),
+        usage: Usage {
+            input_tokens: r.input_tokens.unwrap_or(0),
+            output_tokens: r.output_tokens.unwrap_or(0),
+        },
+        cost_usd: r.cost_usd.unwrap_or(0.0),
+    })
+}
