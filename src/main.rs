@@ -7,9 +7,12 @@ use clawdforge::config::{Cli, Command, Config, LogFormat};
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only for a person at a terminal: `docker logs` and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -64,11 +67,15 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let rt = tokio_runtime()?;
     rt.block_on(async move {
         let addr = config.settings.listen;
+        // Bind first so a taken port fails fast, but announce only once start-up
+        // (reconciliation, first probe) is done and requests are really served.
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("CLAWDFORGE_LISTEN: cannot bind {addr}: {e}"))?;
         let addr = listener.local_addr().unwrap_or(addr);
-        tracing::info!(%addr, data_dir = %config.settings.data_dir.display(), "listening");
-        clawdforge::run(config, listener, shutdown_signal()).await
+        let data_dir = config.settings.data_dir.display().to_string();
+        let app = clawdforge::App::start(config).await?;
+        tracing::info!(%addr, %data_dir, "listening");
+        app.serve(listener, shutdown_signal()).await
     })
 }

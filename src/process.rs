@@ -368,10 +368,11 @@ pub fn kill_survivors(pgid: i32, since_ticks: i64) -> usize {
         };
         let pgrp: Option<i32> = fields.get(2).and_then(|s| s.parse().ok());
         let started: Option<i64> = fields.get(19).and_then(|s| s.parse().ok());
-        if pgrp == Some(pgid) && started.is_some_and(|t| t >= since_ticks) {
-            if nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
-                killed += 1;
-            }
+        if pgrp == Some(pgid)
+            && started.is_some_and(|t| t >= since_ticks)
+            && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
+        {
+            killed += 1;
         }
     }
     killed
@@ -484,5 +485,45 @@ mod tests {
         };
         assert!(matches!(err, ProcError::OutputTooLarge));
         p.terminate().await;
+    }
+}
+
+#[cfg(test)]
+mod reconcile_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reconcile_kills_a_forgotten_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).unwrap();
+        let spec = Spec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "sleep 1000 & sleep 1000".into()],
+            cwd: dir.path().to_path_buf(),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            max_output: 1000,
+            owns_dir: None,
+            audit_id: None,
+        };
+        let p = Proc::spawn(spec, Some(&db)).await.unwrap();
+        let pgid = p.pgid;
+        // Both sleeps running (the group's leader is sh, which execs the last one).
+        let members = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    let pid: i32 = e.file_name().to_string_lossy().parse().unwrap_or(-1);
+                    stat_fields(pid).and_then(|f| f.get(2).cloned()) == Some(pgid.to_string())
+                })
+                .count()
+        };
+        while members() < 2 {
+            tokio::task::yield_now().await;
+        }
+        // A crash: nothing of the Proc runs its cleanup.
+        std::mem::forget(p);
+        let (killed, _) = reconcile(&db).await.unwrap();
+        assert!(killed >= 2, "killed {killed} in group {pgid}");
     }
 }

@@ -51,25 +51,12 @@ pub async fn run(
         let answer = runner::execute(prepared, None, CancellationToken::new()).await?;
         return Ok(ok(answer).into_response());
     }
-    let (tx, rx) = mpsc::channel::<Value>(64);
     let (out_tx, out_rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
-        let forward = {
-            let out_tx = out_tx.clone();
-            async move {
-                let mut rx = rx;
-                while let Some(v) = rx.recv().await {
-                    if out_tx.send(sse("claude", &v)).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        };
-        let forwarder = tokio::spawn(forward);
-        // The runner sees the client leave through `tx` closing: the forwarder ends when
-        // `out_tx` fails, dropping `rx`.
-        let result = runner::execute(prepared, Some(tx), CancellationToken::new()).await;
-        let _ = forwarder.await;
+        let result = stream_with(&out_tx, "claude", |tx| {
+            runner::execute(prepared, Some(tx), CancellationToken::new())
+        })
+        .await;
         let last = match result {
             Ok(answer) => sse(
                 "result",
@@ -83,6 +70,32 @@ pub async fn run(
         let _ = out_tx.send(last).await;
     });
     Ok(sse_response(out_rx).into_response())
+}
+
+/// Runs `work` with a sink of JSON lines, forwarding each as an SSE event named `event`.
+/// When the client goes away (the SSE body is dropped), the sink closes, which is how
+/// `work` learns to stop its process.
+pub async fn stream_with<T, F, Fut>(out: &mpsc::Sender<Event>, event: &'static str, work: F) -> T
+where
+    F: FnOnce(mpsc::Sender<Value>) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let (tx, mut rx) = mpsc::channel::<Value>(64);
+    let forward = async {
+        loop {
+            tokio::select! {
+                v = rx.recv() => match v {
+                    Some(v) => if out.send(sse(event, &v)).await.is_err() { break },
+                    None => break,
+                },
+                _ = out.closed() => break,
+            }
+        }
+        // Dropping the receiver closes the sink `work` holds.
+        drop(rx);
+    };
+    let (result, ()) = tokio::join!(work(tx), forward);
+    result
 }
 
 pub fn sse(event: &str, data: &Value) -> Event {

@@ -189,6 +189,8 @@ pub struct Served {
     pub child: Child,
     pub url: String,
     pub lines: std::sync::mpsc::Receiver<String>,
+    /// What it logged before it listened.
+    pub early: Vec<String>,
 }
 
 pub fn serve(data: &Path, extra: &[(&str, &str)]) -> Served {
@@ -216,10 +218,12 @@ pub fn serve(data: &Path, extra: &[(&str, &str)]) -> Served {
     });
     // The server logs its bound address once it listens.
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut early = Vec::new();
     let url = loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("server did not start");
+        early.push(line.clone());
         if let Some(i) = line.find("127.0.0.1:") {
             if line.contains("listening") {
                 let addr: String = line[i..]
@@ -234,12 +238,17 @@ pub fn serve(data: &Path, extra: &[(&str, &str)]) -> Served {
         child,
         url,
         lines: rx,
+        early,
     }
 }
 
 impl Served {
     pub fn collect_lines(&self) -> Vec<String> {
-        self.lines.try_iter().collect()
+        self.early
+            .iter()
+            .cloned()
+            .chain(self.lines.try_iter())
+            .collect()
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
@@ -332,4 +341,149 @@ async fn logs_carry_request_ids_and_token_ids_never_tokens_and_sigterm_exits_zer
     assert_eq!(app["span"]["token_id"], minted["id"], "{app}");
     assert_eq!(app["fields"]["status"], 200);
     assert!(app["fields"]["latency_ms"].is_u64());
+}
+
+async fn mint_via(url: &str, admin: &str) -> String {
+    let res = reqwest::Client::new()
+        .post(format!("{url}/admin/tokens"))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({"name": "bin"}))
+        .send()
+        .await
+        .unwrap();
+    body(res).await.1["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn children_get_an_allowlisted_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = "admin-secret-never-in-a-child-0123456789";
+    let served = serve(
+        dir.path(),
+        &[
+            ("ADMIN_BOOTSTRAP_TOKEN", admin),
+            ("SOME_SERVICE_PASSWORD", "hunter2"),
+            ("CLAWDFORGE_CHILD_ENV", "HTTPS_PROXY_FOR_AGENTS"),
+            ("HTTPS_PROXY_FOR_AGENTS", "http://proxy.lan:3128"),
+            ("ANTHROPIC_API_KEY", "sk-ant-passed-through"),
+        ],
+    );
+    let token = mint_via(&served.url, admin).await;
+    let res = reqwest::Client::new()
+        .post(format!("{}/run", served.url))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"prompt": "@stub:env"}))
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = body(res).await;
+    assert_eq!(st, 200, "{v}");
+    let env: Value = serde_json::from_str(
+        v["result"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v["result"].to_string())
+            .as_str(),
+    )
+    .unwrap();
+    let env = env.as_object().unwrap();
+    let dump = serde_json::to_string(env).unwrap();
+    assert!(
+        !dump.contains(admin) && !dump.contains(&token),
+        "a secret reached the child: {dump}"
+    );
+    assert!(
+        !env.contains_key("ADMIN_BOOTSTRAP_TOKEN") && !env.contains_key("SOME_SERVICE_PASSWORD")
+    );
+    assert!(!env.keys().any(|k| k.starts_with("CLAWDFORGE_")), "{dump}");
+    assert_eq!(env["HTTPS_PROXY_FOR_AGENTS"], "http://proxy.lan:3128");
+    assert_eq!(env["ANTHROPIC_API_KEY"], "sk-ant-passed-through");
+    assert!(env.contains_key("PATH"));
+}
+
+#[tokio::test]
+async fn a_sigkilled_server_leaves_nothing_after_restart() {
+    use crate::harness::{alive, eventually};
+    let dir = tempfile::tempdir().unwrap();
+    let records = dir.path().join("records");
+    std::fs::create_dir_all(&records).unwrap();
+    let admin = "admin-secret-for-the-kill-test-0123456789";
+    let rec = records.display().to_string();
+    let extra = [
+        ("ADMIN_BOOTSTRAP_TOKEN", admin),
+        ("CLAUDE_STUB_RECORD_DIR", rec.as_str()),
+    ];
+    let mut served = serve(&dir.path().join("data"), &extra);
+    let token = mint_via(&served.url, admin).await;
+    let url = served.url.clone();
+    let pending = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{url}/run"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"prompt": "@stub:grandchild\n@stub:hang"}))
+            .send()
+            .await
+    });
+    let rec_dir = records.clone();
+    let has_grandchild = move || {
+        std::fs::read_dir(&rec_dir)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("grandchild-"))
+    };
+    eventually("stub started its grandchild", has_grandchild).await;
+    let pid = crate::runs::records(&records)[0]["pid"].as_i64().unwrap() as i32;
+    let grandchild: i32 = std::fs::read_dir(&records)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("grandchild-"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .unwrap();
+    let runs = dir.path().join("data/runs");
+    assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 1);
+
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+    {
+        let db = rusqlite::Connection::open(dir.path().join("data/clawdforge.db")).unwrap();
+        let n: String = db
+            .query_row(
+                "SELECT pgid || ' ' || start_ticks FROM live_processes",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let st = std::fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap();
+        eprintln!("DEBUG rows={n} pid={pid} gc stat={st}");
+    }
+    assert!(
+        pending.await.unwrap().is_err(),
+        "the connection died with the server"
+    );
+    // PR_SET_PDEATHSIG: the direct child follows its parent within moments.
+    eventually("child dies with the server", || !alive(pid)).await;
+
+    // The restart kills what survived (the grandchild), removes the run dir, and marks
+    // the run abandoned.
+    let served = serve(&dir.path().join("data"), &extra);
+    assert!(
+        !alive(grandchild),
+        "start-up left a survivor: {:?}",
+        served.collect_lines()
+    );
+    assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 0);
+    let db = rusqlite::Connection::open(dir.path().join("data/clawdforge.db")).unwrap();
+    let outcome: String = db
+        .query_row("SELECT outcome FROM audit WHERE kind='run'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(outcome, "abandoned");
+    drop(served);
 }

@@ -2,7 +2,6 @@
 //! `App::start` + `serve` that `main` uses), an HTTP client, and helpers to look at what the
 //! server left behind (database rows, files, processes).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -33,7 +32,6 @@ pub fn real_bin(name: &str) -> PathBuf {
 
 pub struct TestServer {
     pub url: String,
-    pub addr: SocketAddr,
     pub client: reqwest::Client,
     pub state: Arc<AppState>,
     /// The data dir (and anything else a test wants to keep beside it).
@@ -98,7 +96,6 @@ impl TestServer {
         }));
         TestServer {
             url: format!("http://{addr}"),
-            addr,
             client: reqwest::Client::new(),
             state,
             record_dir: dir.path().join("records"),
@@ -223,6 +220,7 @@ pub async fn body(res: Response) -> (u16, Value) {
 }
 
 /// Every process whose command line mentions `needle` (from /proc).
+#[allow(dead_code)] // for tests of processes started outside a run dir (acpx queue owners)
 pub fn processes_matching(needle: &str) -> Vec<(i32, String)> {
     let mut out = Vec::new();
     let me = std::process::id() as i32;
@@ -241,6 +239,24 @@ pub fn processes_matching(needle: &str) -> Vec<(i32, String)> {
         // that leaks them should still see them, so read the state too.
         if cmd.contains(needle) {
             out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+/// Live processes whose working directory is under `dir` (a server's runs or sessions dir):
+/// isolates one test's children from those of tests running beside it.
+pub fn processes_in(dir: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
+            continue;
+        };
+        if cwd.starts_with(dir) && alive(pid) {
+            out.push(pid);
         }
     }
     out

@@ -3,6 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod binary;
+#[path = "../common/fake_upstream.rs"]
+mod fake_upstream;
 mod foundation;
 mod harness;
 mod netns;
+mod real;
+mod runs;

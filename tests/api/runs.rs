@@ -1,0 +1,525 @@
+//! `POST /run` against the stub `claude`: argv and stdin, staged dirs, result parsing,
+//! process-group kills, output caps, admission control, streaming and the audit row.
+
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::harness::{alive, body, eventually, processes_in, TestServer};
+
+/// Every record the stub wrote (one per answered prompt), oldest first.
+pub fn records(dir: &Path) -> Vec<Value> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p: &std::path::PathBuf| p.extension().is_some_and(|e| e == "json"));
+    files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    files
+        .iter()
+        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .collect()
+}
+
+fn runs_left(s: &TestServer) -> usize {
+    std::fs::read_dir(&s.state.config.runs_dir)
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+async fn run(s: &TestServer, token: &str, body_json: Value) -> (u16, Value) {
+    body(
+        s.app(token, Method::POST, "/run")
+            .json(&body_json)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn prompt_travels_on_stdin_and_flags_map() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    let (st, v) = run(&s, &t, json!({"prompt": "--version"})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["result"], "echo: --version");
+    assert!(v["run_id"].as_str().unwrap().starts_with("run_"));
+    assert_eq!(v["model"], "sonnet");
+    assert_eq!(v["stop_reason"], "end_turn");
+    assert!(v["usage"]["input_tokens"].is_i64() && v["usage"]["output_tokens"].is_i64());
+    assert!(v["cost_usd"].as_f64().unwrap() > 0.0);
+    assert!(v["duration_ms"].is_u64());
+    let rec = records(&s.record_dir).pop().unwrap();
+    let argv: Vec<String> = serde_json::from_value(rec["argv"].clone()).unwrap();
+    assert_eq!(argv[..3], ["-p", "--output-format", "json"]);
+    assert!(argv.contains(&"--model=sonnet".to_string()), "{argv:?}");
+    assert!(
+        !argv.iter().any(|a| a.contains("--version")),
+        "prompt leaked into argv: {argv:?}"
+    );
+    assert_eq!(rec["prompt"], "--version");
+
+    let (st, v) = run(
+        &s,
+        &t,
+        json!({"prompt": "hi", "model": "opus", "system": "--be terse"}),
+    )
+    .await;
+    assert_eq!((st, v["model"].as_str()), (200, Some("opus")));
+    let argv: Vec<String> =
+        serde_json::from_value(records(&s.record_dir).pop().unwrap()["argv"].clone()).unwrap();
+    assert!(
+        argv.contains(&"--model=opus".to_string())
+            && argv.contains(&"--system-prompt=--be terse".to_string()),
+        "{argv:?}"
+    );
+
+    // 300 KB is more than one argv string may hold on Linux: it only works through stdin.
+    let big = "a".repeat(300 * 1024);
+    let (st, v) = run(&s, &t, json!({ "prompt": big })).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        v["result"].as_str().unwrap().len(),
+        "echo: ".len() + 300 * 1024
+    );
+
+    for (bad, code) in [
+        (json!({"prompt": ""}), 400),
+        (
+            json!({"prompt": "x", "model": "--dangerously-skip-permissions"}),
+            400,
+        ),
+        (json!({"prompt": "x", "timeout_secs": 0}), 400),
+        (json!({"prompt": "x", "timeout_secs": 901}), 400),
+        (json!({"prompt": "x", "timeout_secs": -1}), 400),
+        (json!({"prompt": "x", "stream": "yes"}), 400),
+        (json!({"prompt": "x", "files": ["ff_doesnotexist"]}), 404),
+        (json!({"prompt": "x", "extra": 1}), 400),
+        (json!({"model": "sonnet"}), 400),
+    ] {
+        let (st, v) = run(&s, &t, bad.clone()).await;
+        assert_eq!(st, code, "{bad} -> {v}");
+    }
+    assert_eq!(runs_left(&s), 0);
+}
+
+#[tokio::test]
+async fn prompt_size_limit_is_inclusive() {
+    let s = TestServer::start_with(|c| c.settings.max_prompt_bytes = 1000).await;
+    let (_, t) = s.mint("app").await;
+    assert_eq!(
+        run(&s, &t, json!({"prompt": "é".repeat(500)})).await.0,
+        200,
+        "exactly at the limit"
+    );
+    let (st, v) = run(&s, &t, json!({"prompt": "a".repeat(1001)})).await;
+    assert_eq!((st, v["code"].as_str()), (413, Some("too_large")));
+}
+
+#[tokio::test]
+async fn results_are_unfenced_and_parsed() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    for (prompt, want) in [
+        (
+            r#"@stub:result=```json\n{"a": [1, 2]}\n```"#,
+            json!({"a": [1, 2]}),
+        ),
+        (r#"@stub:result=```\n[true]\n```"#, json!([true])),
+        (
+            r#"@stub:result={"plain": "json"}"#,
+            json!({"plain": "json"}),
+        ),
+        ("@stub:result=Just prose.", json!("Just prose.")),
+    ] {
+        let (st, v) = run(&s, &t, json!({ "prompt": prompt })).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["result"], want, "{prompt}");
+    }
+}
+
+#[tokio::test]
+async fn cli_failures_map_to_upstream_errors() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    let (st, v) = run(
+        &s,
+        &t,
+        json!({"prompt": "@stub:error=Not logged in · Please run /login"}),
+    )
+    .await;
+    assert_eq!((st, v["code"].as_str()), (502, Some("upstream_error")));
+    assert_eq!(v["error"], "Not logged in · Please run /login");
+    let (st, v) = run(&s, &t, json!({"prompt": "@stub:api400"})).await;
+    assert_eq!(st, 502);
+    assert!(
+        v["error"].as_str().unwrap().starts_with("API Error: 400"),
+        "{v}"
+    );
+    let (st, v) = run(&s, &t, json!({"prompt": "@stub:max-turns"})).await;
+    assert_eq!((st, v["error"].as_str()), (502, Some("Reached max turns")));
+    let (st, v) = run(&s, &t, json!({"prompt": "@stub:crash"})).await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (502, Some("upstream_error")),
+        "{v}"
+    );
+    let (st, v) = run(&s, &t, json!({"prompt": "@stub:garbage"})).await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (502, Some("upstream_error")),
+        "{v}"
+    );
+
+    let reset = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let res = s
+        .app(&t, Method::POST, "/run")
+        .json(&json!({"prompt": format!("@stub:usage-limit={reset}")}))
+        .send()
+        .await
+        .unwrap();
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3590..=3600).contains(&retry), "{retry}");
+    let (st, v) = body(res).await;
+    assert_eq!((st, v["code"].as_str()), (429, Some("usage_limit")));
+
+    let rows = s.audit_rows("run");
+    assert_eq!(rows.len(), 6);
+    assert!(rows.iter().all(|r| r["outcome"] == "error"), "{rows:?}");
+    assert_eq!(rows[0]["exit_code"], 1);
+    assert_eq!(runs_left(&s), 0);
+}
+
+/// Pids the stub recorded for its grandchildren.
+fn grandchildren(dir: &Path) -> Vec<i32> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("grandchild-"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn timeout_kills_the_whole_group_even_when_sigterm_is_ignored() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    let (st, v) = run(&s, &t, json!({"prompt": "@stub:ignore-term\n@stub:grandchild=hold-stdout\n@stub:hang", "timeout_secs": 1})).await;
+    assert_eq!((st, v["code"].as_str()), (504, Some("timeout")));
+    let rec = records(&s.record_dir).pop().unwrap();
+    let pid = rec["pid"].as_i64().unwrap() as i32;
+    let gc = grandchildren(&s.record_dir);
+    assert_eq!(gc.len(), 1);
+    // The answer waits for the group to be killed.
+    assert!(!alive(pid), "the stub survived");
+    eventually("grandchild gone", || !alive(gc[0])).await;
+    assert_eq!(runs_left(&s), 0);
+    assert_eq!(s.audit_rows("run")[0]["outcome"], "timeout");
+}
+
+#[tokio::test]
+async fn output_over_the_cap_is_killed() {
+    let s = TestServer::start_with(|c| c.settings.max_output_bytes = 1 << 20).await;
+    let (_, t) = s.mint("app").await;
+    for prompt in ["@stub:flood=50000000", "@stub:flood-lines=50000000"] {
+        let (st, v) = run(&s, &t, json!({ "prompt": prompt })).await;
+        assert_eq!(
+            (st, v["code"].as_str()),
+            (502, Some("output_too_large")),
+            "{prompt}"
+        );
+    }
+    // Just under the cap is fine: the result line still follows.
+    let (st, _) = run(&s, &t, json!({"prompt": "@stub:flood=900000"})).await;
+    assert_eq!(st, 200);
+    assert_eq!(runs_left(&s), 0);
+}
+
+#[tokio::test]
+async fn client_hangup_kills_the_run_and_removes_its_dir() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    let req = s
+        .app(&t, Method::POST, "/run")
+        .json(&json!({"prompt": "@stub:grandchild\n@stub:hang"}))
+        .send();
+    let pending = tokio::spawn(req);
+    let record_dir = s.record_dir.clone();
+    eventually("stub started", || !records(&record_dir).is_empty()).await;
+    let pid = records(&s.record_dir)[0]["pid"].as_i64().unwrap() as i32;
+    assert_eq!(runs_left(&s), 1);
+    pending.abort();
+    eventually("stub killed after hangup", || !alive(pid)).await;
+    let gc = grandchildren(&s.record_dir)[0];
+    eventually("grandchild killed", || !alive(gc)).await;
+    eventually("run dir removed", || runs_left(&s) == 0).await;
+    let db = s.db();
+    eventually("audit row abandoned", || {
+        db.query_row("SELECT outcome FROM audit WHERE kind='run'", [], |r| {
+            r.get::<_, String>(0)
+        })
+        .unwrap()
+            == "abandoned"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_kills_running_children() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    let pending = tokio::spawn(
+        s.app(&t, Method::POST, "/run")
+            .json(&json!({"prompt": "@stub:ignore-term\n@stub:hang"}))
+            .send(),
+    );
+    let record_dir = s.record_dir.clone();
+    eventually("stub started", || !records(&record_dir).is_empty()).await;
+    let pid = records(&s.record_dir)[0]["pid"].as_i64().unwrap() as i32;
+    let dir = s.stop().await;
+    assert!(!alive(pid));
+    let res = pending.await.unwrap().unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(std::fs::read_dir(dir.path().join("data/runs"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+#[tokio::test]
+async fn admission_caps_processes_and_queues_fifo() {
+    let s = TestServer::start_with(|c| {
+        c.settings.max_concurrent = 2;
+        c.settings.max_queue = 64;
+    })
+    .await;
+    let (_, t) = s.mint("app").await;
+    let runs_dir = s.state.config.runs_dir.clone();
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampler = {
+        let (sampling, peak, runs_dir, state) = (
+            sampling.clone(),
+            peak.clone(),
+            runs_dir.clone(),
+            s.state.clone(),
+        );
+        tokio::spawn(async move {
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                let n = processes_in(&runs_dir).len().max(state.slots.running());
+                peak.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut all = Vec::new();
+    for i in 0..6 {
+        let req = s
+            .app(&t, Method::POST, "/run")
+            .json(&json!({"prompt": format!("n{i}\n@stub:sleep=0.3")}));
+        all.push(tokio::spawn(async move {
+            body(req.send().await.unwrap()).await
+        }));
+    }
+    for h in all {
+        assert_eq!(h.await.unwrap().0, 200);
+    }
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    sampler.await.unwrap();
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&peak),
+        "peak {peak} processes with a cap of 2"
+    );
+}
+
+#[tokio::test]
+async fn full_queue_and_queue_timeout_answer_429() {
+    let s = TestServer::start_with(|c| {
+        c.settings.max_concurrent = 1;
+        c.settings.max_queue = 1;
+        c.settings.queue_timeout_secs = 1;
+    })
+    .await;
+    let (_, t) = s.mint("app").await;
+    let busy = tokio::spawn(
+        s.app(&t, Method::POST, "/run")
+            .json(&json!({"prompt": "@stub:hang", "timeout_secs": 30}))
+            .send(),
+    );
+    let state = s.state.clone();
+    eventually("first run holds the slot", || state.slots.running() == 1).await;
+    let waiting = tokio::spawn(
+        s.app(&t, Method::POST, "/run")
+            .json(&json!({"prompt": "queued"}))
+            .send(),
+    );
+    eventually("second run queued", || state.slots.queued() == 1).await;
+    let res = s
+        .app(&t, Method::POST, "/run")
+        .json(&json!({"prompt": "no room"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.headers().contains_key("retry-after"));
+    let (st, v) = body(res).await;
+    assert_eq!((st, v["code"].as_str()), (429, Some("overloaded")));
+    let res = waiting.await.unwrap().unwrap();
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(body(res).await.0, 429, "queue timeout");
+    busy.abort();
+}
+
+/// Reads an SSE body into (event, data) pairs.
+pub async fn sse_events(res: reqwest::Response) -> Vec<(String, Value)> {
+    let text = res.text().await.unwrap();
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let mut event = None;
+        let mut data = String::new();
+        for line in block.lines() {
+            if let Some(e) = line
+                .strip_prefix("event: ")
+                .or_else(|| line.strip_prefix("event:"))
+            {
+                event = Some(e.trim().to_string());
+            } else if let Some(d) = line
+                .strip_prefix("data: ")
+                .or_else(|| line.strip_prefix("data:"))
+            {
+                data.push_str(d);
+            }
+        }
+        if let Some(e) = event {
+            out.push((e, serde_json::from_str(&data).unwrap_or(Value::Null)));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn streaming_forwards_lines_then_the_same_result() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    let res = s
+        .app(&t, Method::POST, "/run")
+        .json(&json!({"prompt": "@stub:result={\"x\":1}", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = sse_events(res).await;
+    let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        names,
+        ["claude", "claude", "claude", "result"],
+        "{events:?}"
+    );
+    assert_eq!(events[0].1["type"], "system");
+    assert_eq!(events[2].1["type"], "result");
+    let streamed = &events[3].1;
+    let (_, plain) = run(&s, &t, json!({"prompt": "@stub:result={\"x\":1}"})).await;
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(streamed), keys(&plain));
+    assert_eq!(streamed["result"], json!({"x": 1}));
+    assert_eq!(streamed["ok"], true);
+
+    // Accept: text/event-stream works too, and errors end the stream with `event: error`.
+    let res = s
+        .app(&t, Method::POST, "/run")
+        .header("accept", "text/event-stream")
+        .json(&json!({"prompt": "@stub:error=nope"}))
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(res).await;
+    let (name, data) = events.last().unwrap();
+    assert_eq!(name, "error");
+    assert_eq!(data["code"], "upstream_error");
+    assert_eq!(data["ok"], false);
+
+    // Validation errors are plain JSON before any stream starts.
+    let res = s
+        .app(&t, Method::POST, "/run")
+        .json(&json!({"prompt": "", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    assert_eq!(body(res).await.0, 400);
+}
+
+#[tokio::test]
+async fn disconnecting_mid_stream_kills_the_run() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    let mut res = s
+        .app(&t, Method::POST, "/run")
+        .json(&json!({"prompt": "@stub:sleep=60", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    // The first event (system/init) proves the child runs.
+    let first = res.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("event: claude"));
+    let runs_dir = s.state.config.runs_dir.clone();
+    let pids = processes_in(&runs_dir);
+    assert_eq!(pids.len(), 1, "one child runs");
+    drop(res);
+    eventually("stub killed after the stream was dropped", || {
+        !alive(pids[0])
+    })
+    .await;
+    eventually("run dir removed", || runs_left(&s) == 0).await;
+}
+
+#[tokio::test]
+async fn audit_rows_record_runs_and_respect_prompt_privacy() {
+    let s = TestServer::start().await;
+    let (id, t) = s.mint("app").await;
+    run(&s, &t, json!({"prompt": "remember me"})).await;
+    let row = &s.audit_rows("run")[0];
+    assert_eq!(row["token_id"], id.as_str());
+    assert_eq!(row["prompt"], "remember me");
+    assert_eq!(row["prompt_chars"], 11);
+    assert_eq!(row["response_chars"], "echo: remember me".len());
+    assert_eq!(row["outcome"], "ok");
+    assert_eq!(row["exit_code"], 0);
+    assert_eq!(row["model"], "sonnet");
+    assert!(
+        row["input_tokens"].is_i64() && row["output_tokens"].is_i64() && row["cost_usd"].is_f64()
+    );
+    assert!(row["subject"].as_str().unwrap().starts_with("run_"));
+    assert!(!row.to_string().contains(&t));
+
+    let s = TestServer::start_with(|c| c.settings.audit_prompts = false).await;
+    let (_, t) = s.mint("app").await;
+    run(&s, &t, json!({"prompt": "secret recipe"})).await;
+    let row = &s.audit_rows("run")[0];
+    assert_eq!(row["prompt"], Value::Null);
+    assert_eq!(row["prompt_chars"], 13);
+}
