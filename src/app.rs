@@ -14,6 +14,7 @@ use crate::auth::AllowList;
 use crate::config::Config;
 use crate::http::extract::{admin_digest, LastUsed};
 use crate::probe::Probes;
+use crate::runner::warm::WarmPool;
 use crate::slots::Slots;
 use crate::store::Db;
 
@@ -38,6 +39,8 @@ pub struct AppState {
     pub admin_digest: Option<[u8; 32]>,
     /// Admission control for agent processes (runs and turns).
     pub slots: Slots,
+    /// Pre-started claude processes for /run.
+    pub warm: Arc<WarmPool>,
 }
 
 impl AppState {
@@ -103,7 +106,10 @@ impl App {
         let shutdown = CancellationToken::new();
         probes.spawn_refresher(config.clone(), shutdown.clone());
 
+        let warm = WarmPool::new(config.clone(), db.clone(), shutdown.clone());
+        warm.spawn_keeper(probes.subscribe());
         let state = Arc::new(AppState {
+            warm,
             allow_cidrs: AllowList(config.settings.allow_cidrs.clone()),
             trusted_proxies: AllowList(config.settings.trusted_proxies.clone()),
             admin_digest: config

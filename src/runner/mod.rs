@@ -5,6 +5,7 @@
 //! before the answer leaves.
 
 pub mod parse;
+pub mod warm;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -108,6 +109,8 @@ pub struct Prepared {
     prompt_text: String,
     dir: DirGuard,
     audit: AuditGuard,
+    /// A pre-started process from the warm pool, if one matched.
+    warm: Option<Proc>,
     _slot: Slot,
 }
 
@@ -118,9 +121,19 @@ pub async fn prepare(
     input: RunInput,
 ) -> Result<Prepared, ApiError> {
     let slot = state.slots.acquire().await?;
-    let run_id = new_id("run_");
-    let dir = state.config.runs_dir.join(&run_id);
-    tokio::fs::create_dir_all(&dir).await?;
+    let key = warm::Key {
+        model: input.model.clone(),
+        system: input.system.clone(),
+    };
+    let (run_id, dir, warm) = match state.warm.take(&key) {
+        Some(w) => (w.run_id, w.dir, Some(w.proc)),
+        None => {
+            let run_id = new_id("run_");
+            let dir = state.config.runs_dir.join(&run_id);
+            tokio::fs::create_dir_all(&dir).await?;
+            (run_id, dir, None)
+        }
+    };
     let dir = DirGuard(dir);
     let names = crate::files::stage_into(
         &state.db,
@@ -146,6 +159,7 @@ pub async fn prepare(
         prompt_chars: Some(input.prompt.chars().count() as i64),
         outcome: Some(Outcome::Running),
         subject: Some(run_id.clone()),
+        warm: Some(warm.is_some()),
         ..Default::default()
     };
     let audit_id = state.db.write(move |c| audit::insert(c, &entry)).await?;
@@ -160,6 +174,7 @@ pub async fn prepare(
             id: audit_id,
             done: false,
         },
+        warm,
         _slot: slot,
     })
 }
@@ -177,11 +192,17 @@ fn claude_args(input: &RunInput, streaming: bool) -> Vec<OsString> {
     } else {
         args.extend(["--output-format".into(), "json".into()]);
     }
-    args.push(format!("--model={}", input.model).into());
-    if let Some(system) = &input.system {
+    args.extend(model_and_system_args(&input.model, input.system.as_deref()));
+    args
+}
+
+/// Flags shared by cold and warm runs. `--flag=value` keeps a value that starts with `-`
+/// from being read as a flag; one-shot runs need no resumable transcript on disk.
+pub fn model_and_system_args(model: &str, system: Option<&str>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![format!("--model={model}").into()];
+    if let Some(system) = system {
         args.push(format!("--system-prompt={system}").into());
     }
-    // One-shot runs need no resumable transcript on disk.
     args.push("--no-session-persistence".into());
     args
 }
@@ -214,32 +235,47 @@ pub async fn execute(
         owns_dir: Some(p.dir.0.clone()),
         audit_id: Some(p.audit.id),
     };
-    let mut proc = match Proc::spawn(spec, Some(&state.db)).await {
-        Ok(proc) => proc,
-        Err(e) => {
-            tracing::error!(error = %e, "could not start claude");
-            let err = ApiError::Upstream("the agent could not be started".into());
-            p.audit
-                .complete(Completion {
-                    outcome: Some(Outcome::Error),
-                    detail: Some(err.code().into()),
-                    ..Default::default()
-                })
-                .await;
-            return Err(err);
+    let mut proc = match p.warm.take() {
+        Some(mut proc) => {
+            // One stream-json user message; stdin stays open until the result line, then
+            // closes, which ends the process.
+            let message = serde_json::json!({
+                "type": "user",
+                "message": {"role": "user", "content": std::mem::take(&mut p.prompt_text)},
+            });
+            if let Err(e) = proc.write_line(message.to_string().as_bytes()).await {
+                tracing::warn!(error = %e, "a warm claude did not take its prompt");
+            }
+            proc
         }
+        None => match Proc::spawn(spec, Some(&state.db)).await {
+            Ok(mut proc) => {
+                // Feed the prompt concurrently with reading, so a child that talks before
+                // it reads cannot deadlock against us.
+                if let Some(mut stdin) = proc.stdin.take() {
+                    let data = std::mem::take(&mut p.prompt_text).into_bytes();
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        let _ = stdin.write_all(&data).await;
+                        let _ = stdin.shutdown().await;
+                    });
+                }
+                proc
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not start claude");
+                let err = ApiError::Upstream("the agent could not be started".into());
+                p.audit
+                    .complete(Completion {
+                        outcome: Some(Outcome::Error),
+                        detail: Some(err.code().into()),
+                        ..Default::default()
+                    })
+                    .await;
+                return Err(err);
+            }
+        },
     };
-    // Feed the prompt concurrently with reading, so a child that talks before it reads
-    // cannot deadlock against us.
-    if let Some(mut stdin) = proc.stdin.take() {
-        let data = std::mem::take(&mut p.prompt_text).into_bytes();
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            let _ = stdin.write_all(&data).await;
-            let _ = stdin.shutdown().await;
-        });
-    }
-
     let deadline = tokio::time::sleep(p.input.timeout);
     tokio::pin!(deadline);
     let shutdown = state.shutdown.clone();
@@ -256,6 +292,8 @@ pub async fn execute(
                 Ok(Event::Line(line)) => {
                     if let Some(r) = parse::parse_result_line(&line) {
                         result = Some(r);
+                        // A warm process answers one message; closing stdin ends it.
+                        proc.stdin = None;
                     }
                     if let Some(sink) = &sink {
                         if let Ok(v) = serde_json::from_slice::<Value>(&line) {
@@ -332,6 +370,10 @@ pub async fn execute(
         },
     };
     p.audit.complete(completion).await;
+    if matches!(&judged, Err(ApiError::Upstream(m)) if m.contains("/login")) {
+        // The login went away: warm processes started under it would fail the same way.
+        state.warm.invalidate();
+    }
     let r = judged?;
     Ok(RunAnswer {
         run_id: p.run_id.clone(),

@@ -10,3 +10,4 @@ mod harness;
 mod netns;
 mod real;
 mod runs;
+mod warm;

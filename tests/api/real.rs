@@ -73,7 +73,8 @@ async fn real_claude_answers_are_parsed() {
     assert_eq!(v["result"], json!({"servings": 4, "ok": true}));
     assert!(v["usage"]["input_tokens"].as_i64().unwrap() > 0);
     assert!(v["cost_usd"].as_f64().unwrap() > 0.0);
-    let (_, v) = run(&s, &t, json!({"prompt": "give fenced"})).await;
+    let (st, v) = run(&s, &t, json!({"prompt": "give fenced"})).await;
+    assert_eq!(st, 200, "{v}");
     assert_eq!(v["result"], json!({"fenced": [1, 2, 3]}));
     let (_, v) = run(&s, &t, json!({"prompt": "give prose"})).await;
     assert_eq!(v["result"], "Simmer for ten minutes.");
