@@ -368,10 +368,11 @@ pub fn kill_survivors(pgid: i32, since_ticks: i64) -> usize {
         };
         let pgrp: Option<i32> = fields.get(2).and_then(|s| s.parse().ok());
         let started: Option<i64> = fields.get(19).and_then(|s| s.parse().ok());
-        if pgrp == Some(pgid) && started.is_some_and(|t| t >= since_ticks) {
-            if nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
-                killed += 1;
-            }
+        if pgrp == Some(pgid)
+            && started.is_some_and(|t| t >= since_ticks)
+            && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
+        {
+            killed += 1;
         }
     }
     killed

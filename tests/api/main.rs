@@ -4,5 +4,7 @@
 
 mod binary;
 mod foundation;
+// Not every test module uses every helper.
+#[allow(dead_code)]
 mod harness;
 mod netns;
