@@ -1,5 +1,8 @@
 //! Uploaded files: stored under `uploads/<file token>`, visible only to the token that
 //! uploaded them, and staged (copied) into run and session working dirs on request.
+//! [`sanitize`] names them.
+
+pub mod sanitize;
 
 use std::path::Path;
 
@@ -10,9 +13,10 @@ use crate::store::Db;
 use crate::util::now_ms;
 
 /// Copies the caller's files into `dir` under their sanitised names and returns those
-/// names, in the order given. Any file that is unknown, expired or another token's answers
-/// 404 (they look the same). Copies, never links: the agent must not be able to follow a
-/// path back into the data dir.
+/// names, in the order given. Two files with the same stored name get distinct ones
+/// (`a.txt`, `a-2.txt`); a file attached twice is copied once. Any file that is unknown,
+/// expired or another token's answers 404 (they look the same). Copies, never links: the
+/// agent must not be able to follow a path back into the data dir.
 pub async fn stage_into(
     db: &Db,
     uploads_dir: &Path,
@@ -21,7 +25,11 @@ pub async fn stage_into(
     dir: &Path,
 ) -> Result<Vec<String>, ApiError> {
     let mut names = Vec::with_capacity(file_tokens.len());
+    let mut staged: Vec<&str> = Vec::with_capacity(file_tokens.len());
     for ft in file_tokens {
+        if staged.contains(&ft.as_str()) {
+            continue;
+        }
         let (ft2, owner) = (ft.clone(), token_id.to_string());
         let stored: Option<String> = db
             .read(move |c| {
@@ -40,18 +48,15 @@ pub async fn stage_into(
         let Some(stored) = stored else {
             return Err(ApiError::NotFound(format!("no such file: {ft}")));
         };
-        if names.contains(&stored) {
-            continue;
-        }
-        let src = uploads_dir.join(ft);
-        let dst = dir.join(&stored);
-        tokio::fs::copy(&src, &dst)
+        let name = sanitize::distinct(&stored, &names);
+        tokio::fs::copy(uploads_dir.join(ft), dir.join(&name))
             .await
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => ApiError::NotFound(format!("no such file: {ft}")),
                 _ => ApiError::from(e),
             })?;
-        names.push(stored);
+        names.push(name);
+        staged.push(ft);
     }
     Ok(names)
 }
