@@ -122,61 +122,52 @@ mod tests {
     }
 
     #[test]
-    fn ordinary_names_stay_as_they_are() {
-        for name in [
-            "a.pdf",
-            "notes.txt",
-            "my report (final).docx",
-            "Übersicht 2026.xlsx",
-            "数据.csv",
-            "archive.tar.gz",
-            "README",
-            "a,b;c=d+e&f#1.txt",
+    fn names_become_safe_and_stay_readable() {
+        for (original, stored) in [
+            // Ordinary names stay as they are.
+            ("a.pdf", "a.pdf"),
+            ("my report (final).docx", "my report (final).docx"),
+            ("Übersicht 2026.xlsx", "Übersicht 2026.xlsx"),
+            ("数据.csv", "数据.csv"),
+            ("archive.tar.gz", "archive.tar.gz"),
+            ("README", "README"),
+            ("a,b;c=d+e&f#1.txt", "a,b;c=d+e&f#1.txt"),
+            // Only the last path component is kept.
+            ("../../etc/passwd", "passwd"),
+            ("/etc/passwd", "passwd"),
+            ("C:\\Users\\me\\a.pdf", "a.pdf"),
+            ("..\\..\\boot.ini", "boot.ini"),
+            ("dir/sub/", "sub"),
+            ("a/../..", "file"),
+            // Reserved names.
+            ("", "file"),
+            ("   ", "file"),
+            (".", "file"),
+            ("..", "file"),
+            ("...", "file"),
+            ("/", "file"),
+            (".bashrc", "_.bashrc"),
+            ("-rf", "_-rf"),
+            ("--help.txt", "_--help.txt"),
+            ("CON", "_CON"),
+            ("con.txt", "_con.txt"),
+            ("lpt1", "_lpt1"),
+            ("CONFIG.txt", "CONFIG.txt"),
+            // Control, invisible and reserved characters.
+            ("a\0b.txt", "a_b.txt"),
+            ("line\nbreak.txt", "line_break.txt"),
+            ("tab\there\r.txt", "tab_here_.txt"),
+            ("del\u{7f}.txt", "del_.txt"),
+            ("c1\u{85}.txt", "c1_.txt"),
+            ("evil\u{202E}fdp.exe", "evil_fdp.exe"),
+            ("zero\u{200B}width.txt", "zero_width.txt"),
+            ("what?.txt", "what_.txt"),
+            ("a:b*c\"d<e>f|g.txt", "a_b_c_d_e_f_g.txt"),
+            // What is left after replacing must not start a hidden file either.
+            ("\n.hidden", "_.hidden"),
         ] {
-            assert_eq!(sanitize(name), name);
+            assert_eq!(sanitize(original), stored, "{original:?}");
         }
-    }
-
-    #[test]
-    fn only_the_last_path_component_is_kept() {
-        assert_eq!(sanitize("../../etc/passwd"), "passwd");
-        assert_eq!(sanitize("/etc/passwd"), "passwd");
-        assert_eq!(sanitize("C:\\Users\\me\\a.pdf"), "a.pdf");
-        assert_eq!(sanitize("..\\..\\boot.ini"), "boot.ini");
-        assert_eq!(sanitize("dir/sub/"), "sub");
-        assert_eq!(sanitize("a/../.."), "file");
-    }
-
-    #[test]
-    fn reserved_names_become_safe() {
-        assert_eq!(sanitize(""), "file");
-        assert_eq!(sanitize("   "), "file");
-        assert_eq!(sanitize("."), "file");
-        assert_eq!(sanitize(".."), "file");
-        assert_eq!(sanitize("..."), "file");
-        assert_eq!(sanitize("/"), "file");
-        assert_eq!(sanitize(".bashrc"), "_.bashrc");
-        assert_eq!(sanitize("-rf"), "_-rf");
-        assert_eq!(sanitize("--help.txt"), "_--help.txt");
-        assert_eq!(sanitize("CON"), "_CON");
-        assert_eq!(sanitize("con.txt"), "_con.txt");
-        assert_eq!(sanitize("lpt1"), "_lpt1");
-        assert_eq!(sanitize("CONFIG.txt"), "CONFIG.txt");
-    }
-
-    #[test]
-    fn control_and_invisible_characters_are_replaced() {
-        assert_eq!(sanitize("a\0b.txt"), "a_b.txt");
-        assert_eq!(sanitize("line\nbreak.txt"), "line_break.txt");
-        assert_eq!(sanitize("tab\there\r.txt"), "tab_here_.txt");
-        assert_eq!(sanitize("del\u{7f}.txt"), "del_.txt");
-        assert_eq!(sanitize("c1\u{85}.txt"), "c1_.txt");
-        assert_eq!(sanitize("evil\u{202E}fdp.exe"), "evil_fdp.exe");
-        assert_eq!(sanitize("zero\u{200B}width.txt"), "zero_width.txt");
-        assert_eq!(sanitize("what?.txt"), "what_.txt");
-        assert_eq!(sanitize("a:b*c\"d<e>f|g.txt"), "a_b_c_d_e_f_g.txt");
-        // Whatever is left after replacing must not start a hidden file.
-        assert_eq!(sanitize("\n.hidden"), "_.hidden");
     }
 
     #[test]

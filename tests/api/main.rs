@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod binary;
+mod files;
 mod foundation;
 // Not every test module uses every helper.
 #[allow(dead_code)]
