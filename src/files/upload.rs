@@ -25,7 +25,7 @@ use crate::util::{now_ms, random_base62};
 
 /// Bytes of a body that are not the file's own (boundaries, part headers, `ttl_secs`) that
 /// are tolerated. It bounds what the parser may buffer while looking for the end of a part's
-/// headers; a few of the server's read chunks (at most ~400 KiB each) fit comfortably.
+/// headers; the one read chunk it holds at a time (at most ~400 KiB) fits comfortably.
 pub const ENVELOPE_MAX_BYTES: u64 = 4 * 1024 * 1024;
 /// The longest filename accepted as uploaded (it is kept in the database).
 const FILENAME_MAX_BYTES: usize = 64 * 1024;
