@@ -23,7 +23,10 @@ fn repo() -> PathBuf {
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// A release server in its own process, so its memory can be read from /proc.
@@ -54,18 +57,27 @@ impl Server {
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{}: {e} (run scripts/bench.sh)", bin.display()));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/bench.sh)", bin.display()));
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let url = loop {
             let line = lines.next().expect("server exited").unwrap();
             if let (true, Some(i)) = (line.contains("listening"), line.find("127.0.0.1:")) {
-                let addr: String = line[i..].chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect();
+                let addr: String = line[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect();
                 break format!("http://{addr}");
             }
         };
         // Keep draining stderr so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, url, _dir: dir }
+        Server {
+            child,
+            url,
+            _dir: dir,
+        }
     }
 
     fn rss_kb(&self) -> u64 {
@@ -73,20 +85,38 @@ impl Server {
     }
 
     async fn mint(&self, client: &reqwest::Client) -> String {
-        let v: Value = client.post(format!("{}/admin/tokens", self.url)).bearer_auth(ADMIN)
-            .json(&json!({"name": "bench"})).send().await.unwrap().json().await.unwrap();
+        let v: Value = client
+            .post(format!("{}/admin/tokens", self.url))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": "bench"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         v["token"].as_str().unwrap().to_string()
     }
 
     async fn warm_idle(&self, client: &reqwest::Client) -> u64 {
-        let v: Value = client.get(format!("{}/healthz", self.url)).send().await.unwrap().json().await.unwrap();
+        let v: Value = client
+            .get(format!("{}/healthz", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         v["warm_pool"]["idle"].as_u64().unwrap_or(0)
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = self.child.wait();
     }
 }
@@ -94,7 +124,15 @@ impl Drop for Server {
 fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0)))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with(field)).map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse()
+                    .unwrap_or(0)
+            })
+        })
         .unwrap_or(0)
 }
 
@@ -150,7 +188,13 @@ where
 async fn direct(claude: PathBuf, env: Vec<(String, String)>, prompt: String) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(&claude)
-        .args(["-p", "--output-format", "json", "--model=sonnet", "--no-session-persistence"])
+        .args([
+            "-p",
+            "--output-format",
+            "json",
+            "--model=sonnet",
+            "--no-session-persistence",
+        ])
         .current_dir(dir.path())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -161,7 +205,9 @@ async fn direct(claude: PathBuf, env: Vec<(String, String)>, prompt: String) {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut stdin, prompt.as_bytes()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, prompt.as_bytes())
+        .await
+        .unwrap();
     drop(stdin);
     let out = child.wait_with_output().await.unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).expect("direct spawn printed JSON");
@@ -169,24 +215,58 @@ async fn direct(claude: PathBuf, env: Vec<(String, String)>, prompt: String) {
 }
 
 async fn via(client: reqwest::Client, url: String, token: String, prompt: String) {
-    let res = client.post(format!("{url}/run")).bearer_auth(token).json(&json!({ "prompt": prompt })).send().await.unwrap();
-    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap_or_default());
+    let res = client
+        .post(format!("{url}/run"))
+        .bearer_auth(token)
+        .json(&json!({ "prompt": prompt }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
 }
 
 struct Table(Vec<[String; 6]>);
 
 impl Table {
     fn row(&mut self, group: &str, what: &str, conc: usize, s: &Stats, base: Option<&Stats>) {
-        let diff = base.map(|b| format!("{:+.1}", s.pct(0.5) - b.pct(0.5))).unwrap_or_default();
-        self.0.push([group.into(), what.into(), conc.to_string(), format!("{:.1}", s.pct(0.5)), format!("{:.1}", s.pct(0.99)), diff]);
+        let diff = base
+            .map(|b| format!("{:+.1}", s.pct(0.5) - b.pct(0.5)))
+            .unwrap_or_default();
+        self.0.push([
+            group.into(),
+            what.into(),
+            conc.to_string(),
+            format!("{:.1}", s.pct(0.5)),
+            format!("{:.1}", s.pct(0.99)),
+            diff,
+        ]);
     }
 
     fn note(&mut self, group: &str, what: &str, value: String) {
-        self.0.push([group.into(), what.into(), String::new(), value, String::new(), String::new()]);
+        self.0.push([
+            group.into(),
+            what.into(),
+            String::new(),
+            value,
+            String::new(),
+            String::new(),
+        ]);
     }
 
     fn print(&self) {
-        let head = ["group", "measurement", "conc", "p50 ms / value", "p99 ms", "Δp50 vs direct"];
+        let head = [
+            "group",
+            "measurement",
+            "conc",
+            "p50 ms / value",
+            "p99 ms",
+            "Δp50 vs direct",
+        ];
         let mut w = head.map(str::len);
         for r in &self.0 {
             for (i, c) in r.iter().enumerate() {
@@ -194,13 +274,25 @@ impl Table {
             }
         }
         let line = |r: &[String; 6]| {
-            let cells: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{:<width$}", c, width = w[i])).collect();
+            let cells: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{:<width$}", c, width = w[i]))
+                .collect();
             format!("| {} |", cells.join(" | "))
         };
         let out = std::io::stdout();
         let mut out = out.lock();
         writeln!(out, "{}", line(&head.map(String::from))).unwrap();
-        writeln!(out, "|{}|", w.iter().map(|n| "-".repeat(n + 2)).collect::<Vec<_>>().join("|")).unwrap();
+        writeln!(
+            out,
+            "|{}|",
+            w.iter()
+                .map(|n| "-".repeat(n + 2))
+                .collect::<Vec<_>>()
+                .join("|")
+        )
+        .unwrap();
         for r in &self.0 {
             writeln!(out, "{}", line(r)).unwrap();
         }
@@ -210,7 +302,11 @@ impl Table {
 async fn real_claude_rows(table: &mut Table) {
     let claude = repo().join(".agents/node_modules/.bin/claude");
     if !claude.exists() {
-        table.note("real claude", "skipped: run scripts/install-agents.sh", String::new());
+        table.note(
+            "real claude",
+            "skipped: run scripts/install-agents.sh",
+            String::new(),
+        );
         return;
     }
     let n = env_usize("BENCH_REAL_N", 12);
@@ -219,15 +315,35 @@ async fn real_claude_rows(table: &mut Table) {
     let cfg = tempfile::tempdir().unwrap();
     let env = fake.child_env(cfg.path());
     let client = reqwest::Client::new();
-    let cold = Server::start(&claude, &env, &[("CLAWDFORGE_WARM_POOL", "0".into()), ("CLAWDFORGE_MAX_CONCURRENT", "4".into())]);
-    let warm = Server::start(&claude, &env, &[("CLAWDFORGE_WARM_POOL", "4".into()), ("CLAWDFORGE_MAX_CONCURRENT", "4".into())]);
+    let cold = Server::start(
+        &claude,
+        &env,
+        &[
+            ("CLAWDFORGE_WARM_POOL", "0".into()),
+            ("CLAWDFORGE_MAX_CONCURRENT", "4".into()),
+        ],
+    );
+    let warm = Server::start(
+        &claude,
+        &env,
+        &[
+            ("CLAWDFORGE_WARM_POOL", "4".into()),
+            ("CLAWDFORGE_MAX_CONCURRENT", "4".into()),
+        ],
+    );
     let (ct, wt) = (cold.mint(&client).await, warm.mint(&client).await);
     for conc in [1usize, 4] {
         let total = n * conc.min(2);
         let (c2, e2) = (claude.clone(), env.clone());
-        let d = measure(total, conc, move |_| direct(c2.clone(), e2.clone(), "ping".into())).await;
+        let d = measure(total, conc, move |_| {
+            direct(c2.clone(), e2.clone(), "ping".into())
+        })
+        .await;
         let (cl, u, t) = (client.clone(), cold.url.clone(), ct.clone());
-        let c = measure(total, conc, move |_| via(cl.clone(), u.clone(), t.clone(), "ping".into())).await;
+        let c = measure(total, conc, move |_| {
+            via(cl.clone(), u.clone(), t.clone(), "ping".into())
+        })
+        .await;
         // Warm rows: wait for the pool to be full between requests' bursts, as a steady
         // trickle of requests would find it.
         let mut w = Stats::default();
@@ -236,37 +352,71 @@ async fn real_claude_rows(table: &mut Table) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let (cl, u, t) = (client.clone(), warm.url.clone(), wt.clone());
-            let burst = measure(conc, conc, move |_| via(cl.clone(), u.clone(), t.clone(), "ping".into())).await;
+            let burst = measure(conc, conc, move |_| {
+                via(cl.clone(), u.clone(), t.clone(), "ping".into())
+            })
+            .await;
             w.ms.extend(burst.ms);
         }
         table.row("real claude", "direct cold spawn", conc, &d, None);
         table.row("real claude", "/run cold (pool off)", conc, &c, Some(&d));
         table.row("real claude", "/run warm (pool 4)", conc, &w, Some(&d));
-        table.note("real claude", "warm p50 / direct p50", format!("{:.2}x", w.pct(0.5) / d.pct(0.5)));
+        table.note(
+            "real claude",
+            "warm p50 / direct p50",
+            format!("{:.2}x", w.pct(0.5) / d.pct(0.5)),
+        );
     }
     let rss_warm = warm.rss_kb();
-    table.note("real claude", "server RSS (pool 4, excl. children)", format!("{} MB", rss_warm / 1024));
+    table.note(
+        "real claude",
+        "server RSS (pool 4, excl. children)",
+        format!("{} MB", rss_warm / 1024),
+    );
 }
 
 async fn stub_rows(table: &mut Table) {
     let claude = repo().join("tests/stubs/claude");
     let n = env_usize("BENCH_STUB_N", 200);
     let client = reqwest::Client::new();
-    let s = Server::start(&claude, &[], &[("CLAWDFORGE_WARM_POOL", "0".into()), ("CLAWDFORGE_MAX_CONCURRENT", "16".into())]);
+    let s = Server::start(
+        &claude,
+        &[],
+        &[
+            ("CLAWDFORGE_WARM_POOL", "0".into()),
+            ("CLAWDFORGE_MAX_CONCURRENT", "16".into()),
+        ],
+    );
     let t = s.mint(&client).await;
-    table.note("stub claude", "server RSS idle", format!("{} MB", s.rss_kb() / 1024));
+    table.note(
+        "stub claude",
+        "server RSS idle",
+        format!("{} MB", s.rss_kb() / 1024),
+    );
     for conc in [1usize, 16] {
         let c2 = claude.clone();
         let d = measure(n, conc, move |_| direct(c2.clone(), vec![], "ping".into())).await;
         let (cl, u, tk) = (client.clone(), s.url.clone(), t.clone());
-        let r = measure(n, conc, move |_| via(cl.clone(), u.clone(), tk.clone(), "ping".into())).await;
+        let r = measure(n, conc, move |_| {
+            via(cl.clone(), u.clone(), tk.clone(), "ping".into())
+        })
+        .await;
         table.row("stub claude", "direct spawn", conc, &d, None);
         table.row("stub claude", "/run (pool off)", conc, &r, Some(&d));
     }
     drop(s);
 
     // 200 requests in flight: 4 running, the rest queued.
-    let s = Server::start(&claude, &[], &[("CLAWDFORGE_WARM_POOL", "0".into()), ("CLAWDFORGE_MAX_CONCURRENT", "4".into()), ("CLAWDFORGE_MAX_QUEUE", "256".into()), ("CLAWDFORGE_QUEUE_TIMEOUT_SECS", "120".into())]);
+    let s = Server::start(
+        &claude,
+        &[],
+        &[
+            ("CLAWDFORGE_WARM_POOL", "0".into()),
+            ("CLAWDFORGE_MAX_CONCURRENT", "4".into()),
+            ("CLAWDFORGE_MAX_QUEUE", "256".into()),
+            ("CLAWDFORGE_QUEUE_TIMEOUT_SECS", "120".into()),
+        ],
+    );
     let t = s.mint(&client).await;
     let idle = s.rss_kb();
     let pid = s.child.id();
@@ -282,11 +432,21 @@ async fn stub_rows(table: &mut Table) {
         })
     };
     let (cl, u) = (client.clone(), s.url.clone());
-    measure(200, 200, move |_| via(cl.clone(), u.clone(), t.clone(), "@stub:sleep=0.2".into())).await;
+    measure(200, 200, move |_| {
+        via(cl.clone(), u.clone(), t.clone(), "@stub:sleep=0.2".into())
+    })
+    .await;
     sampling.store(false, std::sync::atomic::Ordering::SeqCst);
     sampler.join().unwrap();
     table.note("server", "RSS idle", format!("{} MB", idle / 1024));
-    table.note("server", "RSS peak, 200 requests queued/running", format!("{} MB", peak.load(std::sync::atomic::Ordering::SeqCst) / 1024));
+    table.note(
+        "server",
+        "RSS peak, 200 requests queued/running",
+        format!(
+            "{} MB",
+            peak.load(std::sync::atomic::Ordering::SeqCst) / 1024
+        ),
+    );
 }
 
 #[tokio::main]

@@ -86,6 +86,10 @@ impl App {
             tracing::warn!(killed, dirs, "cleaned up after the previous process");
         }
         remove_orphan_run_dirs(&config.runs_dir);
+        let orphans = crate::files::remove_orphans(&db, &config.uploads_dir).await?;
+        if orphans > 0 {
+            tracing::warn!(orphans, "removed uploads interrupted by the last shutdown");
+        }
         let abandoned = db.write(|c| crate::audit::abandon_running(c)).await?;
         if abandoned > 0 {
             tracing::warn!(

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod extract;
+pub mod files;
 pub mod health;
 pub mod params;
 pub mod runs;
@@ -88,6 +89,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/audit", get(admin::audit))
         .route("/run", post(runs::run))
         .route("/sessions", get(sessions::list))
+        // Uploads are streamed to disk and count their own bytes against
+        // CLAWDFORGE_MAX_UPLOAD_BYTES; the JSON body limit does not apply to them.
+        .route(
+            "/files",
+            post(files::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/files/{file_token}",
+            get(files::show).delete(files::delete),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json_limit))

@@ -46,6 +46,7 @@ pub fn dir_gone(record: &serde_json::Value) -> bool {
 
 pub struct TestServer {
     pub url: String,
+    pub addr: std::net::SocketAddr,
     pub client: reqwest::Client,
     pub state: Arc<AppState>,
     /// The data dir (and anything else a test wants to keep beside it).
@@ -111,6 +112,7 @@ impl TestServer {
         }));
         TestServer {
             url: format!("http://{addr}"),
+            addr,
             client: reqwest::Client::new(),
             state,
             record_dir: dir.path().join("records"),

@@ -5,7 +5,10 @@
 mod binary;
 #[path = "../common/fake_upstream.rs"]
 mod fake_upstream;
+mod files;
 mod foundation;
+// Not every test module uses every helper.
+#[allow(dead_code)]
 mod harness;
 mod netns;
 mod real;

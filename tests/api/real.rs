@@ -152,3 +152,38 @@ async fn real_claude_streams_end_to_end() {
         "{kinds:?}"
     );
 }
+
+#[tokio::test]
+async fn real_claude_sees_attached_file_names_in_the_prompt() {
+    let fake = FakeUpstream::start().await;
+    let s = real_server(&fake, |_| {}).await;
+    let (_, t) = s.mint("real").await;
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(b"2 eggs, 1 cup flour".to_vec())
+            .file_name("recipe notes.txt"),
+    );
+    let (st, v) = body(
+        s.app(&t, Method::POST, "/files")
+            .multipart(form)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let ft = v["file_token"].as_str().unwrap().to_string();
+    let (st, v) = run(
+        &s,
+        &t,
+        json!({"prompt": "Summarise the attachment.", "files": [ft]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let prompt = crate::fake_upstream::prompt_text(&fake.conversation_requests().pop().unwrap());
+    assert!(prompt.contains("Summarise the attachment."), "{prompt}");
+    assert!(
+        prompt.contains("Attached files: recipe notes.txt"),
+        "{prompt}"
+    );
+}
