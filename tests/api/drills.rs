@@ -469,3 +469,215 @@ async fn sigkill_at_random_points_leaves_a_sound_state_after_each_restart() {
     assert!(cut > 0 && cut_uploads > 0, "no request was cut by a kill");
     assert!(abandoned > 0, "no run was killed mid-flight");
 }
+
+/// A tmpfs mounted for one test; unmounted on drop (lazily, should anything still hold it).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None`, with the reason printed, where this process may not mount.
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status();
+        match status {
+            Ok(st) if st.success() => Some(Tmpfs(dir.to_path_buf())),
+            other => {
+                eprintln!("skipped: could not mount a tmpfs: {other:?}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes `path` until the filesystem is full; returns how many bytes fitted.
+fn fill_disk(path: &Path) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    let mut written = 0;
+    loop {
+        match f.write(&block) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+            Err(e) => panic!("filling the disk: {e}"),
+        }
+    }
+    written
+}
+
+/// Nothing half-written: no temp upload, no bytes without a row (or row without bytes), no
+/// run dir, no audit row left running.
+fn assert_nothing_half_written(data: &Path, when: &str) {
+    let db = open_db(data);
+    assert_uploads_match_rows(data, &db, when);
+    let runs = names_in(&data.join("runs"));
+    assert!(runs.is_empty(), "{when}: run dirs left: {runs:?}");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM audit WHERE outcome = 'running'"),
+        0,
+        "{when}: audit rows left running"
+    );
+}
+
+fn assert_full_disk_answer(ended: &Ended, what: &str) {
+    match ended {
+        Ended::Answered(507, v) => assert_eq!(v["code"], "insufficient_storage", "{what}: {v}"),
+        Ended::Answered(500, v) => assert_eq!(v["code"], "internal_error", "{what}: {v}"),
+        other => panic!("{what}: expected 507 (or 500) on a full disk, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_507_leaves_nothing_half_written_and_recovers() {
+    let dir = std::sync::Arc::new(
+        tempfile::Builder::new()
+            .prefix("cf-disk-")
+            .tempdir()
+            .unwrap(),
+    );
+    let Some(mount) = Tmpfs::mount(&dir.path().join("data"), "2m") else {
+        return;
+    };
+    let s = crate::harness::TestServer::start_in(dir.clone(), |c| c.settings.warm_pool = 0).await;
+    let data = s.data_dir();
+    let (_, token) = s.mint("disk").await;
+    let (url, client) = (s.url.clone(), s.client.clone());
+    let upload = |chunks: (usize, usize)| {
+        post_upload(
+            client.clone(),
+            url.clone(),
+            token.clone(),
+            chunks,
+            Duration::ZERO,
+        )
+    };
+    let run = |body: Value| post_run(client.clone(), url.clone(), token.clone(), body);
+
+    // Room enough: an upload to attach later, and a run.
+    let Ended::Answered(201, up) = upload((2, 4096)).await else {
+        panic!("upload before the disk filled up")
+    };
+    let attached = up["file_token"].as_str().unwrap().to_string();
+    assert!(matches!(
+        run(json!({"prompt": "before"})).await,
+        Ended::Answered(200, _)
+    ));
+
+    // SQLite lives on the same tmpfs, so the disk fills only now the server runs.
+    let filler = data.join("filler");
+    let filled = fill_disk(&filler);
+    eprintln!("disk drill: filled {filled} bytes");
+
+    let health = s.client.get(format!("{url}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "healthz on a full disk");
+
+    let big = upload((4, 64 * 1024)).await;
+    match &big {
+        Ended::Answered(507, v) => assert_eq!(v["code"], "insufficient_storage", "{v}"),
+        other => panic!("an upload that cannot fit: {other:?}"),
+    }
+    assert_nothing_half_written(&data, "after an upload that did not fit");
+
+    let tiny = upload((1, 16)).await;
+    assert_full_disk_answer(&tiny, "a small upload on a full disk");
+    assert_nothing_half_written(&data, "after a small upload on a full disk");
+
+    let staged = run(json!({"prompt": "with a file", "files": [attached]})).await;
+    assert_full_disk_answer(&staged, "a run whose attachment cannot be staged");
+    assert_nothing_half_written(&data, "after a run that could not stage its file");
+
+    let bare = run(json!({"prompt": "no file"})).await;
+    eprintln!("disk drill: a run without files on a full disk: {bare:?}");
+    if !matches!(bare, Ended::Answered(200, _)) {
+        assert_full_disk_answer(&bare, "a run without files on a full disk");
+    }
+    assert_nothing_half_written(&data, "after a run on a full disk");
+
+    // The disk fills up while a run is in flight: its answer cannot be recorded.
+    std::fs::remove_file(&filler).unwrap();
+    let in_flight = tokio::spawn(run(json!({"prompt": "@stub:sleep=1"})));
+    crate::harness::eventually("the run's audit row is open", || {
+        count(
+            &open_db(&data),
+            "SELECT count(*) FROM audit WHERE outcome = 'running'",
+        ) == 1
+    })
+    .await;
+    fill_disk(&filler);
+    let late = in_flight.await.unwrap();
+    assert_full_disk_answer(&late, "a run that could not record its end");
+
+    // Admin writes and deletes meet the same full disk.
+    let mint = s
+        .admin(reqwest::Method::POST, "/admin/tokens")
+        .json(&json!({"name": "on a full disk"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mint.status(), 507, "minting on a full disk");
+    let del = s
+        .app(
+            &token,
+            reqwest::Method::DELETE,
+            &format!("/files/{attached}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 507, "deleting a file on a full disk");
+    assert!(data.join("uploads").join(&attached).exists());
+
+    let health = s.client.get(format!("{url}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "healthz after the failures");
+
+    // Space again: everything works as before.
+    std::fs::remove_file(&filler).unwrap();
+    let Ended::Answered(201, _) = upload((2, 4096)).await else {
+        panic!("upload once space was freed")
+    };
+    let again = run(json!({"prompt": "after", "files": [attached]})).await;
+    assert!(
+        matches!(&again, Ended::Answered(200, v) if v["result"].as_str().is_some_and(|r| r.starts_with("echo: after"))),
+        "{again:?}"
+    );
+    // The run whose end could not be recorded gets its row closed once there is room.
+    crate::harness::eventually("the open audit row is closed", || {
+        count(
+            &open_db(&data),
+            "SELECT count(*) FROM audit WHERE outcome = 'running'",
+        ) == 0
+    })
+    .await;
+    let (outcome, detail, cost): (String, String, f64) = open_db(&data)
+        .query_row(
+            "SELECT outcome, detail, cost_usd FROM audit WHERE prompt = '@stub:sleep=1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (outcome.as_str(), detail.as_str()),
+        ("error", "insufficient_storage")
+    );
+    assert!(cost > 0.0, "the work done is still accounted for");
+    assert_nothing_half_written(&data, "after space was freed");
+    assert_eq!(integrity(&open_db(&data)), "ok");
+    s.stop().await;
+    drop(mount);
+}
