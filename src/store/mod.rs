@@ -10,7 +10,10 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
 /// Migrations, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0003_sessions.sql"),
+];
 
 /// How long a connection waits for a lock held by another connection (or process, such as
 /// `clawdforge tokens mint` while the server runs) before giving up.
