@@ -14,6 +14,7 @@ use crate::auth::AllowList;
 use crate::config::Config;
 use crate::http::extract::{admin_digest, LastUsed};
 use crate::probe::Probes;
+use crate::sessions::SessionManager;
 use crate::slots::Slots;
 use crate::store::Db;
 
@@ -38,6 +39,8 @@ pub struct AppState {
     pub admin_digest: Option<[u8; 32]>,
     /// Admission control for agent processes (runs and turns).
     pub slots: Slots,
+    /// What runs in which session now.
+    pub sessions: SessionManager,
 }
 
 impl AppState {
@@ -51,8 +54,21 @@ impl AppState {
             .saturating_add(64 * 1024)
     }
 
-    /// Called after a token is revoked (by the admin API) to stop what it owns.
-    pub async fn on_token_revoked(&self, _token_id: &str) {}
+    /// Called after a token is revoked (by the admin API) to stop what it owns: its
+    /// sessions are closed (a running turn is stopped first).
+    pub async fn on_token_revoked(&self, token_id: &str) {
+        match crate::sessions::close_all_of(self, token_id).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                token_id,
+                sessions = n,
+                "closed the sessions of a revoked token"
+            ),
+            Err(e) => {
+                tracing::warn!(token_id, error = %e, "could not close the sessions of a revoked token")
+            }
+        }
+    }
 }
 
 /// A started application: state built, database open, background tasks running.
@@ -83,6 +99,14 @@ impl App {
             tracing::warn!(killed, dirs, "cleaned up after the previous process");
         }
         remove_orphan_run_dirs(&config.runs_dir);
+        let in_flight = db.read(crate::sessions::store::turns_in_flight).await?;
+        let owners = crate::sessions::reconcile_owners(&db, &config, &in_flight).await?;
+        if owners > 0 {
+            tracing::warn!(
+                owners,
+                "stopped acpx queue owners busy with abandoned turns"
+            );
+        }
         let abandoned = db.write(|c| crate::audit::abandon_running(c)).await?;
         if abandoned > 0 {
             tracing::warn!(
@@ -122,6 +146,7 @@ impl App {
             started_at: Instant::now(),
             last_used: LastUsed::default(),
             shutdown,
+            sessions: SessionManager::default(),
         });
         spawn_last_used_flusher(state.clone());
         Ok(App { state })

@@ -51,16 +51,24 @@ pub struct RunAnswer {
     pub cost_usd: f64,
 }
 
-/// Closes an audit row as `abandoned` if the run is dropped before it finished (the client
-/// hung up and the handler future was dropped).
-struct AuditGuard {
+/// Closes an audit row as `abandoned` if the run (or turn) is dropped before it finished
+/// (the client hung up and the handler future was dropped).
+pub(crate) struct AuditGuard {
     state: Arc<AppState>,
-    id: i64,
+    pub(crate) id: i64,
     done: bool,
 }
 
 impl AuditGuard {
-    async fn complete(&mut self, c: Completion) {
+    pub(crate) fn new(state: Arc<AppState>, id: i64) -> AuditGuard {
+        AuditGuard {
+            state,
+            id,
+            done: false,
+        }
+    }
+
+    pub(crate) async fn complete(&mut self, c: Completion) {
         self.done = true;
         let id = self.id;
         if let Err(e) = self
@@ -155,11 +163,7 @@ pub async fn prepare(
         input,
         prompt_text,
         dir,
-        audit: AuditGuard {
-            state: state.clone(),
-            id: audit_id,
-            done: false,
-        },
+        audit: AuditGuard::new(state.clone(), audit_id),
         _slot: slot,
     })
 }
