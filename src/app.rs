@@ -17,6 +17,7 @@ use crate::probe::Probes;
 use crate::sessions::SessionManager;
 use crate::slots::Slots;
 use crate::store::Db;
+use crate::sweeper::Sweeper;
 
 /// How often batched `last_used_at` stamps are written.
 const LAST_USED_FLUSH: Duration = Duration::from_secs(5);
@@ -41,6 +42,8 @@ pub struct AppState {
     pub slots: Slots,
     /// What runs in which session now.
     pub sessions: SessionManager,
+    /// Held by a sweep pass, so passes never overlap.
+    pub sweeping: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -74,6 +77,7 @@ impl AppState {
 /// A started application: state built, database open, background tasks running.
 pub struct App {
     state: Arc<AppState>,
+    sweeper: Sweeper,
 }
 
 impl App {
@@ -147,9 +151,13 @@ impl App {
             last_used: LastUsed::default(),
             shutdown,
             sessions: SessionManager::default(),
+            sweeping: tokio::sync::Mutex::new(()),
         });
         spawn_last_used_flusher(state.clone());
-        Ok(App { state })
+        // The start-up pass runs before the server listens, so nothing races it.
+        crate::sweeper::sweep_once(&state).await;
+        let sweeper = Sweeper::start(state.clone()).await?;
+        Ok(App { state, sweeper })
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -172,6 +180,7 @@ impl App {
         let app = self
             .router()
             .into_make_service_with_connect_info::<SocketAddr>();
+        let sweeper = self.sweeper;
         let signalled = CancellationToken::new();
         let signalled_tx = signalled.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -190,6 +199,7 @@ impl App {
             }
         }
         state.shutdown.cancel();
+        sweeper.stop().await;
         flush_last_used(&state).await;
         state.db.clone().close().await;
         Ok(())
