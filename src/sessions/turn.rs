@@ -26,11 +26,11 @@ use super::parse::TurnLog;
 use super::store::{self, SessionRecord};
 use super::{target, Claim, StopWhy};
 use crate::app::AppState;
-use crate::audit::{self, AuditEntry, Completion, Outcome};
+use crate::audit::{Completion, Outcome};
 use crate::error::ApiError;
 use crate::process::{Event, Proc, ProcError};
 use crate::runner::parse::{clip, judge, usage_limit};
-use crate::runner::AuditGuard;
+use crate::runner::{spawn_with_prompt, stage_and_audit, AuditGuard, Start};
 use crate::slots::Slot;
 use crate::util::now_ms;
 
@@ -105,33 +105,19 @@ pub async fn prepare_turn(
     };
     let cwd = PathBuf::from(&s.cwd);
     tokio::fs::create_dir_all(&cwd).await?;
-    let names = crate::files::stage_into(
-        &state.db,
-        &state.config.uploads_dir,
-        token_id,
-        &input.files,
-        &cwd,
+    let (prompt_text, audit) = stage_and_audit(
+        state,
+        Start {
+            token_id,
+            kind: "turn",
+            model: &s.model,
+            subject: &s.session_id,
+            prompt: &input.prompt,
+            files: &input.files,
+            dir: &cwd,
+        },
     )
     .await?;
-    let prompt_text = match crate::files::attachment_line(&names) {
-        Some(line) => format!("{}\n\n{line}", input.prompt),
-        None => input.prompt.clone(),
-    };
-    let entry = AuditEntry {
-        token_id: Some(token_id.to_string()),
-        kind: "turn".into(),
-        model: Some(s.model.clone()),
-        prompt: state
-            .config
-            .settings
-            .audit_prompts
-            .then(|| input.prompt.clone()),
-        prompt_chars: Some(input.prompt.chars().count() as i64),
-        outcome: Some(Outcome::Running),
-        subject: Some(s.session_id.clone()),
-        ..Default::default()
-    };
-    let audit_id = state.db.write(move |c| audit::insert(c, &entry)).await?;
     Ok(PreparedTurn {
         state: state.clone(),
         session: s,
@@ -139,7 +125,7 @@ pub async fn prepare_turn(
         slot,
         timeout: input.timeout,
         prompt_text,
-        audit: AuditGuard::new(state.clone(), audit_id),
+        audit,
     })
 }
 
@@ -226,31 +212,7 @@ pub async fn execute_turn(
         session.system_prompt.as_deref(),
     );
     let spec = t.spec(&state.config, args, Some(audit.id));
-    let mut proc = match Proc::spawn(spec, Some(&state.db)).await {
-        Ok(proc) => proc,
-        Err(e) => {
-            tracing::error!(error = %e, "could not start acpx");
-            let err = ApiError::Upstream("the agent could not be started".into());
-            audit
-                .complete(Completion {
-                    outcome: Some(Outcome::Error),
-                    detail: Some(err.code().into()),
-                    ..Default::default()
-                })
-                .await;
-            return Err(err);
-        }
-    };
-    // Fed concurrently with reading, so a child that talks before it reads cannot
-    // deadlock against us.
-    if let Some(mut stdin) = proc.stdin.take() {
-        let data = prompt_text.into_bytes();
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            let _ = stdin.write_all(&data).await;
-            let _ = stdin.shutdown().await;
-        });
-    }
+    let mut proc = spawn_with_prompt(&state, spec, prompt_text, &mut audit).await?;
 
     let mut log = TurnLog::default();
     let deadline = tokio::time::sleep(timeout);
