@@ -10,3 +10,5 @@ mod harness;
 mod netns;
 mod real;
 mod runs;
+mod sessions;
+mod sessions_real;
