@@ -23,3 +23,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 cargo test --locked --all-targets "$@"
+# The API suite again with the warm pool on: answers must not depend on which path served.
+CLAWDFORGE_TEST_WARM_POOL=2 cargo test --locked --test api "$@"

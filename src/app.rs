@@ -14,6 +14,7 @@ use crate::auth::AllowList;
 use crate::config::Config;
 use crate::http::extract::{admin_digest, LastUsed};
 use crate::probe::Probes;
+use crate::runner::warm::WarmPool;
 use crate::sessions::SessionManager;
 use crate::slots::Slots;
 use crate::store::Db;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub sessions: SessionManager,
     /// Held by a sweep pass, so passes never overlap.
     pub sweeping: tokio::sync::Mutex<()>,
+    /// Pre-started claude processes for /run.
+    pub warm: Arc<WarmPool>,
 }
 
 impl AppState {
@@ -111,6 +114,10 @@ impl App {
                 "stopped acpx queue owners busy with abandoned turns"
             );
         }
+        let orphans = crate::files::remove_orphans(&db, &config.uploads_dir).await?;
+        if orphans > 0 {
+            tracing::warn!(orphans, "removed uploads interrupted by the last shutdown");
+        }
         let abandoned = db.write(|c| crate::audit::abandon_running(c)).await?;
         if abandoned > 0 {
             tracing::warn!(
@@ -131,7 +138,10 @@ impl App {
         let shutdown = CancellationToken::new();
         probes.spawn_refresher(config.clone(), shutdown.clone());
 
+        let warm = WarmPool::new(config.clone(), db.clone(), shutdown.clone());
+        warm.spawn_keeper(probes.subscribe());
         let state = Arc::new(AppState {
+            warm,
             allow_cidrs: AllowList(config.settings.allow_cidrs.clone()),
             trusted_proxies: AllowList(config.settings.trusted_proxies.clone()),
             admin_digest: config

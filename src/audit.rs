@@ -45,6 +45,8 @@ pub struct AuditEntry {
     pub detail: Option<String>,
     pub response_chars: Option<i64>,
     pub duration_ms: Option<i64>,
+    /// For runs: whether a warm-pool process served it.
+    pub warm: Option<bool>,
 }
 
 impl AuditEntry {
@@ -80,8 +82,8 @@ pub struct Completion {
 pub fn insert(conn: &Connection, e: &AuditEntry) -> rusqlite::Result<i64> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO audit (at, token_id, kind, model, prompt, prompt_chars, outcome, subject,
-                            detail, response_chars, duration_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                            detail, response_chars, duration_ms, warm)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?;
     stmt.execute(params![
         now_ms(),
@@ -95,6 +97,7 @@ pub fn insert(conn: &Connection, e: &AuditEntry) -> rusqlite::Result<i64> {
         e.detail,
         e.response_chars,
         e.duration_ms,
+        e.warm,
     ])?;
     Ok(conn.last_insert_rowid())
 }
@@ -154,6 +157,7 @@ pub struct AuditRow {
     pub cost_usd: Option<f64>,
     pub subject: Option<String>,
     pub detail: Option<String>,
+    pub warm: Option<bool>,
 }
 
 /// Newest first, optionally for one token, strictly below row id `before`.
@@ -166,7 +170,7 @@ pub fn page(
     let mut stmt = conn.prepare_cached(
         "SELECT id, at, token_id, kind, model, prompt, prompt_chars, response_chars,
                 duration_ms, outcome, exit_code, input_tokens, output_tokens, cost_usd,
-                subject, detail
+                subject, detail, warm
          FROM audit
          WHERE (?1 IS NULL OR token_id = ?1) AND (?2 IS NULL OR id < ?2)
          ORDER BY id DESC LIMIT ?3",
@@ -189,6 +193,7 @@ pub fn page(
             cost_usd: r.get(13)?,
             subject: r.get(14)?,
             detail: r.get(15)?,
+            warm: r.get(16)?,
         })
     })?;
     rows.collect()

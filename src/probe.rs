@@ -1,7 +1,7 @@
 //! Cached CLI probes behind `/healthz`: `claude --version` and `acpx --version`, run once
 //! before the server listens and then on a background timer, never per request.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::process::Command;
@@ -19,12 +19,25 @@ pub struct ProbeSnapshot {
     pub acpx_version: Option<String>,
 }
 
-#[derive(Clone, Default)]
-pub struct Probes(Arc<RwLock<ProbeSnapshot>>);
+/// The latest snapshot, watchable: the warm pool restarts its processes when it changes.
+#[derive(Clone)]
+pub struct Probes(Arc<tokio::sync::watch::Sender<ProbeSnapshot>>);
+
+impl Default for Probes {
+    fn default() -> Self {
+        Probes(Arc::new(tokio::sync::watch::Sender::new(
+            ProbeSnapshot::default(),
+        )))
+    }
+}
 
 impl Probes {
     pub fn snapshot(&self) -> ProbeSnapshot {
-        self.0.read().map(|s| s.clone()).unwrap_or_default()
+        self.0.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<ProbeSnapshot> {
+        self.0.subscribe()
     }
 
     /// Probes both CLIs (concurrently) and stores the result.
@@ -37,12 +50,15 @@ impl Probes {
             claude_version: claude,
             acpx_version: acpx,
         };
-        if let Ok(mut s) = self.0.write() {
-            if *s != snap {
-                tracing::info!(claude = ?snap.claude_version, acpx = ?snap.acpx_version, "CLI probe");
+        // Only a real change notifies watchers.
+        self.0.send_if_modified(|s| {
+            if *s == snap {
+                return false;
             }
+            tracing::info!(claude = ?snap.claude_version, acpx = ?snap.acpx_version, "CLI probe");
             *s = snap.clone();
-        }
+            true
+        });
         snap
     }
 

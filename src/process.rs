@@ -194,6 +194,25 @@ impl Proc {
         }
     }
 
+    /// Whether the child has exited (reaping it if so). For idle warm processes.
+    pub fn has_exited(&mut self) -> bool {
+        match self.stream.child_mut() {
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
+    /// Writes one line to the child's stdin, keeping it open (stream-json input).
+    pub async fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("stdin closed"))?;
+        stdin.write_all(line).await?;
+        stdin.write_all(b"\n").await?;
+        stdin.flush().await
+    }
+
     /// The last bytes the child wrote to stderr, as text.
     pub fn stderr_tail(&self) -> String {
         String::from_utf8_lossy(&self.stderr_tail)

@@ -16,7 +16,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::app::AppState;
 use crate::sessions::{self, store};
-use crate::store::{Db, StoreError};
+use crate::store::StoreError;
 use crate::util::now_ms;
 
 /// A run makes its dir just before its process is registered in `live_processes`; a dir
@@ -58,7 +58,7 @@ pub async fn sweep_once(state: &AppState) -> SweepReport {
         ),
         uploads_deleted: counted(
             "deleting expired uploads",
-            delete_expired_uploads(&state.db, &state.config.uploads_dir, now).await,
+            crate::files::delete_expired(&state.db, &state.config.uploads_dir, now).await,
         ),
         run_dirs_removed: counted(
             "removing orphaned run dirs",
@@ -141,31 +141,6 @@ async fn delete_closed(state: &AppState, cutoff: i64) -> Result<usize, StoreErro
         state.db.write(move |c| store::delete(c, &id)).await?;
     }
     Ok(old.len())
-}
-
-/// Uploads expired at `now`, rows and bytes. (The `files` branch adds the same as
-/// `files::delete_expired`; one of the two goes when they meet.)
-async fn delete_expired_uploads(
-    db: &Db,
-    uploads_dir: &Path,
-    now: i64,
-) -> Result<usize, StoreError> {
-    let expired: Vec<String> = db
-        .write(move |c| {
-            let mut stmt =
-                c.prepare("DELETE FROM files WHERE expires_at <= ?1 RETURNING file_token")?;
-            let tokens = stmt.query_map([now], |r| r.get(0))?;
-            tokens.collect()
-        })
-        .await?;
-    for ft in &expired {
-        if let Err(e) = tokio::fs::remove_file(uploads_dir.join(ft)).await {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(file = %ft, error = %e, "could not remove an expired upload");
-            }
-        }
-    }
-    Ok(expired.len())
 }
 
 fn dir_names(dir: &Path) -> std::io::Result<Vec<(String, std::fs::Metadata)>> {

@@ -50,6 +50,21 @@ pub fn new_id(prefix: &str) -> String {
     s
 }
 
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// `prefix` followed by `chars` random base62 characters (log2(62) = 5.95 bits each), for
+/// secrets and capabilities such as app tokens and file tokens. `rand::rng()` is a CSPRNG
+/// seeded from the OS.
+pub fn random_base62(prefix: &str, chars: usize) -> String {
+    let mut rng = rand::rng();
+    let mut s = String::with_capacity(prefix.len() + chars);
+    s.push_str(prefix);
+    for _ in 0..chars {
+        s.push(BASE62[rng.random_range(0..BASE62.len())] as char);
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,17 +3,15 @@
 //! the HTTP admin routes (through the writer task) and the `tokens` subcommand (directly)
 //! share them.
 
-use rand::Rng;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::audit::{self, AuditEntry};
-use crate::util::{new_id, now_ms, rfc3339};
+use crate::util::{new_id, now_ms, random_base62, rfc3339};
 
 pub const TOKEN_PREFIX: &str = "cf_";
 const TOKEN_RANDOM_CHARS: usize = 43; // 43 * log2(62) = 256.1 bits
-const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// A token as stored, minus its hash.
 #[derive(Debug, Clone, Serialize)]
@@ -29,15 +27,9 @@ pub struct TokenRecord {
     pub revoked_at: Option<i64>,
 }
 
-/// A fresh plaintext token. `rand::rng()` is a CSPRNG seeded from the OS.
+/// A fresh plaintext token.
 pub fn mint_plaintext() -> String {
-    let mut rng = rand::rng();
-    let mut s = String::with_capacity(TOKEN_PREFIX.len() + TOKEN_RANDOM_CHARS);
-    s.push_str(TOKEN_PREFIX);
-    for _ in 0..TOKEN_RANDOM_CHARS {
-        s.push(BASE62[rng.random_range(0..BASE62.len())] as char);
-    }
-    s
+    random_base62(TOKEN_PREFIX, TOKEN_RANDOM_CHARS)
 }
 
 /// Hex SHA-256 of a bearer, the only form a token is stored in.

@@ -17,6 +17,7 @@ pub struct Health {
     pub acpx_present: bool,
     pub acpx_version: Option<String>,
     pub uptime_secs: u64,
+    pub warm_pool: crate::runner::warm::PoolStats,
 }
 
 pub async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -28,5 +29,6 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         acpx_present: snap.acpx_version.is_some(),
         acpx_version: snap.acpx_version,
         uptime_secs: state.started_at.elapsed().as_secs(),
+        warm_pool: state.warm.stats(),
     })
 }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod extract;
+pub mod files;
 pub mod health;
 pub mod params;
 pub mod runs;
@@ -91,6 +92,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sessions/{id}", get(sessions::get).delete(sessions::close))
         .route("/sessions/{id}/turn", post(sessions::turn))
         .route("/sessions/{id}/cancel", post(sessions::cancel))
+        // Uploads are streamed to disk and count their own bytes against
+        // CLAWDFORGE_MAX_UPLOAD_BYTES; the JSON body limit does not apply to them.
+        .route(
+            "/files",
+            post(files::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/files/{file_token}",
+            get(files::show).delete(files::delete),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json_limit))

@@ -5,6 +5,7 @@
 //! before the answer leaves.
 
 pub mod parse;
+pub mod warm;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -116,6 +117,8 @@ pub struct Prepared {
     prompt_text: String,
     dir: DirGuard,
     audit: AuditGuard,
+    /// A pre-started process from the warm pool, if one matched.
+    warm: Option<Proc>,
     _slot: Slot,
 }
 
@@ -126,9 +129,19 @@ pub async fn prepare(
     input: RunInput,
 ) -> Result<Prepared, ApiError> {
     let slot = state.slots.acquire().await?;
-    let run_id = new_id("run_");
-    let dir = state.config.runs_dir.join(&run_id);
-    tokio::fs::create_dir_all(&dir).await?;
+    let key = warm::Key {
+        model: input.model.clone(),
+        system: input.system.clone(),
+    };
+    let (run_id, dir, warm) = match state.warm.take(&key) {
+        Some(w) => (w.run_id, w.dir, Some(w.proc)),
+        None => {
+            let run_id = new_id("run_");
+            let dir = state.config.runs_dir.join(&run_id);
+            tokio::fs::create_dir_all(&dir).await?;
+            (run_id, dir, None)
+        }
+    };
     let dir = DirGuard(dir);
     let (prompt_text, audit) = stage_and_audit(
         state,
@@ -140,6 +153,7 @@ pub async fn prepare(
             prompt: &input.prompt,
             files: &input.files,
             dir: &dir.0,
+            warm: Some(warm.is_some()),
         },
     )
     .await?;
@@ -150,6 +164,7 @@ pub async fn prepare(
         prompt_text,
         dir,
         audit,
+        warm,
         _slot: slot,
     })
 }
@@ -165,6 +180,8 @@ pub(crate) struct Start<'a> {
     pub prompt: &'a str,
     pub files: &'a [String],
     pub dir: &'a std::path::Path,
+    /// Whether a pre-started process serves it (runs only).
+    pub warm: Option<bool>,
 }
 
 /// Copies the attached files into the working dir, builds the text the agent gets (the
@@ -197,6 +214,7 @@ pub(crate) async fn stage_and_audit(
         prompt_chars: Some(w.prompt.chars().count() as i64),
         outcome: Some(Outcome::Running),
         subject: Some(w.subject.to_string()),
+        warm: w.warm,
         ..Default::default()
     };
     let audit_id = state.db.write(move |c| audit::insert(c, &entry)).await?;
@@ -251,11 +269,17 @@ fn claude_args(input: &RunInput, streaming: bool) -> Vec<OsString> {
     } else {
         args.extend(["--output-format".into(), "json".into()]);
     }
-    args.push(format!("--model={}", input.model).into());
-    if let Some(system) = &input.system {
+    args.extend(model_and_system_args(&input.model, input.system.as_deref()));
+    args
+}
+
+/// Flags shared by cold and warm runs. `--flag=value` keeps a value that starts with `-`
+/// from being read as a flag; one-shot runs need no resumable transcript on disk.
+pub fn model_and_system_args(model: &str, system: Option<&str>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![format!("--model={model}").into()];
+    if let Some(system) = system {
         args.push(format!("--system-prompt={system}").into());
     }
-    // One-shot runs need no resumable transcript on disk.
     args.push("--no-session-persistence".into());
     args
 }
@@ -288,9 +312,24 @@ pub async fn execute(
         owns_dir: Some(p.dir.0.clone()),
         audit_id: Some(p.audit.id),
     };
-    let prompt = std::mem::take(&mut p.prompt_text);
-    let mut proc = spawn_with_prompt(&state, spec, prompt, &mut p.audit).await?;
-
+    let mut proc = match p.warm.take() {
+        Some(mut proc) => {
+            // One stream-json user message; stdin stays open until the result line, then
+            // closes, which ends the process.
+            let message = serde_json::json!({
+                "type": "user",
+                "message": {"role": "user", "content": std::mem::take(&mut p.prompt_text)},
+            });
+            if let Err(e) = proc.write_line(message.to_string().as_bytes()).await {
+                tracing::warn!(error = %e, "a warm claude did not take its prompt");
+            }
+            proc
+        }
+        None => {
+            let prompt = std::mem::take(&mut p.prompt_text);
+            spawn_with_prompt(&state, spec, prompt, &mut p.audit).await?
+        }
+    };
     let deadline = tokio::time::sleep(p.input.timeout);
     tokio::pin!(deadline);
     let shutdown = state.shutdown.clone();
@@ -307,6 +346,8 @@ pub async fn execute(
                 Ok(Event::Line(line)) => {
                     if let Some(r) = parse::parse_result_line(&line) {
                         result = Some(r);
+                        // A warm process answers one message; closing stdin ends it.
+                        proc.stdin = None;
                     }
                     if let Some(sink) = &sink {
                         if let Ok(v) = serde_json::from_slice::<Value>(&line) {
@@ -383,6 +424,10 @@ pub async fn execute(
         },
     };
     p.audit.complete(completion).await;
+    if matches!(&judged, Err(ApiError::Upstream(m)) if m.contains("/login")) {
+        // The login went away: warm processes started under it would fail the same way.
+        state.warm.invalidate();
+    }
     let r = judged?;
     Ok(RunAnswer {
         run_id: p.run_id.clone(),

@@ -115,6 +115,7 @@ pub async fn prepare_turn(
             prompt: &input.prompt,
             files: &input.files,
             dir: &cwd,
+            warm: None,
         },
     )
     .await?;

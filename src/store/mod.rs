@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 /// Migrations, applied in order; `PRAGMA user_version` records how many have run.
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_audit_warm.sql"),
     include_str!("migrations/0003_sessions.sql"),
 ];
 

@@ -199,7 +199,10 @@ pub fn serve(data: &Path, extra: &[(&str, &str)]) -> Served {
         .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
         .env("CLAUDE_BIN", stub("claude"))
         .env("ACPX_BIN", stub("acpx"))
-        .env("CLAWDFORGE_WARM_POOL", "0")
+        .env(
+            "CLAWDFORGE_WARM_POOL",
+            crate::harness::test_warm_pool().to_string(),
+        )
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -445,8 +448,8 @@ async fn a_sigkilled_server_leaves_nothing_after_restart() {
                 .unwrap()
         })
         .unwrap();
-    let runs = dir.path().join("data/runs");
-    assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 1);
+    let record = crate::runs::records(&records)[0].clone();
+    assert!(!crate::harness::dir_gone(&record));
 
     served.child.kill().unwrap();
     served.child.wait().unwrap();
@@ -477,7 +480,7 @@ async fn a_sigkilled_server_leaves_nothing_after_restart() {
         "start-up left a survivor: {:?}",
         served.collect_lines()
     );
-    assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 0);
+    assert!(crate::harness::dir_gone(&record));
     let db = rusqlite::Connection::open(dir.path().join("data/clawdforge.db")).unwrap();
     let outcome: String = db
         .query_row("SELECT outcome FROM audit WHERE kind='run'", [], |r| {

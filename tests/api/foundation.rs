@@ -246,10 +246,15 @@ async fn healthz_reports_cached_probes_without_spawning() {
     })
     .await;
     let log = counts.path().join("invocations.log");
-    let probes_at_start = std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .lines()
-        .count();
+    // Version probes only: warm-pool processes are counted too, and are not probes.
+    let probes = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.ends_with("--version"))
+            .count()
+    };
+    let probes_at_start = probes();
     assert_eq!(
         probes_at_start, 2,
         "one probe each for claude and acpx before listening"
@@ -263,10 +268,7 @@ async fn healthz_reports_cached_probes_without_spawning() {
         assert_eq!(v["acpx_version"], "0.19.1");
         assert!(v["version"].is_string() && v["uptime_secs"].is_u64());
     }
-    assert_eq!(
-        std::fs::read_to_string(&log).unwrap().lines().count(),
-        probes_at_start
-    );
+    assert_eq!(probes(), probes_at_start);
 }
 
 #[tokio::test]

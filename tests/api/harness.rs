@@ -30,8 +30,23 @@ pub fn real_bin(name: &str) -> PathBuf {
     prefix.join("node_modules/.bin").join(name)
 }
 
+/// The warm pool size tests run with: `CLAWDFORGE_TEST_WARM_POOL` (scripts/test.sh runs the
+/// suite with the pool off and on), default off.
+pub fn test_warm_pool() -> u32 {
+    std::env::var("CLAWDFORGE_TEST_WARM_POOL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether a run's working dir (as the stub recorded it) is gone.
+pub fn dir_gone(record: &serde_json::Value) -> bool {
+    !Path::new(record["cwd"].as_str().expect("record has a cwd")).exists()
+}
+
 pub struct TestServer {
     pub url: String,
+    pub addr: std::net::SocketAddr,
     pub client: reqwest::Client,
     pub state: Arc<AppState>,
     /// The data dir (and anything else a test wants to keep beside it).
@@ -51,6 +66,7 @@ pub fn test_config(dir: &Path) -> Config {
     config.settings.listen = "127.0.0.1:0".parse().unwrap();
     config.settings.allow_cidrs = Vec::new();
     config.settings.trusted_proxies = Vec::new();
+    config.settings.warm_pool = test_warm_pool();
     let record = dir.join("records");
     std::fs::create_dir_all(&record).unwrap();
     let home = dir.join("home");
@@ -96,6 +112,7 @@ impl TestServer {
         }));
         TestServer {
             url: format!("http://{addr}"),
+            addr,
             client: reqwest::Client::new(),
             state,
             record_dir: dir.path().join("records"),
@@ -251,24 +268,6 @@ pub fn processes_matching(needle: &str) -> Vec<(i32, String)> {
         // that leaks them should still see them, so read the state too.
         if cmd.contains(needle) {
             out.push((pid, cmd));
-        }
-    }
-    out
-}
-
-/// Live processes whose working directory is under `dir` (a server's runs or sessions dir):
-/// isolates one test's children from those of tests running beside it.
-pub fn processes_in(dir: &Path) -> Vec<i32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
-            continue;
-        };
-        if cwd.starts_with(dir) && alive(pid) {
-            out.push(pid);
         }
     }
     out

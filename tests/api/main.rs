@@ -5,10 +5,14 @@
 mod binary;
 #[path = "../common/fake_upstream.rs"]
 mod fake_upstream;
+mod files;
 mod foundation;
+// Not every test module uses every helper.
+#[allow(dead_code)]
 mod harness;
 mod netns;
 mod real;
 mod runs;
 mod sessions;
 mod sessions_real;
+mod warm;

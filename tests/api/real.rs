@@ -82,7 +82,8 @@ async fn real_claude_answers_are_parsed() {
     assert_eq!(v["result"], json!({"servings": 4, "ok": true}));
     assert!(v["usage"]["input_tokens"].as_i64().unwrap() > 0);
     assert!(v["cost_usd"].as_f64().unwrap() > 0.0);
-    let (_, v) = run(&s, &t, json!({"prompt": "give fenced"})).await;
+    let (st, v) = run(&s, &t, json!({"prompt": "give fenced"})).await;
+    assert_eq!(st, 200, "{v}");
     assert_eq!(v["result"], json!({"fenced": [1, 2, 3]}));
     let (_, v) = run(&s, &t, json!({"prompt": "give prose"})).await;
     assert_eq!(v["result"], "Simmer for ten minutes.");
@@ -158,5 +159,40 @@ async fn real_claude_streams_end_to_end() {
     assert!(
         kinds.contains(&"system") && kinds.contains(&"assistant") && kinds.contains(&"result"),
         "{kinds:?}"
+    );
+}
+
+#[tokio::test]
+async fn real_claude_sees_attached_file_names_in_the_prompt() {
+    let fake = FakeUpstream::start().await;
+    let s = real_server(&fake, |_| {}).await;
+    let (_, t) = s.mint("real").await;
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(b"2 eggs, 1 cup flour".to_vec())
+            .file_name("recipe notes.txt"),
+    );
+    let (st, v) = body(
+        s.app(&t, Method::POST, "/files")
+            .multipart(form)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let ft = v["file_token"].as_str().unwrap().to_string();
+    let (st, v) = run(
+        &s,
+        &t,
+        json!({"prompt": "Summarise the attachment.", "files": [ft]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let prompt = crate::fake_upstream::prompt_text(&fake.conversation_requests().pop().unwrap());
+    assert!(prompt.contains("Summarise the attachment."), "{prompt}");
+    assert!(
+        prompt.contains("Attached files: recipe notes.txt"),
+        "{prompt}"
     );
 }

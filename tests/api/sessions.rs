@@ -575,24 +575,14 @@ async fn acpx_failures_map_to_api_errors() {
 #[tokio::test]
 async fn attachments_are_staged_into_the_session_dir() {
     let s = TestServer::start().await;
-    let (tok, t) = s.mint("a").await;
+    let (_, t) = s.mint("a").await;
     let id = open_session(&s, &t).await;
-    // An upload as `POST /files` leaves it: a row and the bytes under uploads/.
-    let uploads = &s.state.config.uploads_dir;
-    std::fs::write(uploads.join("ff_testfile0001"), "flour, water").unwrap();
-    rw(&s)
-        .execute(
-            "INSERT INTO files (file_token, token_id, filename, stored_name, size, sha256,
-                                created_at, expires_at)
-             VALUES ('ff_testfile0001', ?1, 'recipe.txt', 'recipe.txt', 12, 'x', 0, ?2)",
-            rusqlite::params![tok, clawdforge::util::now_ms() + 60_000],
-        )
-        .unwrap();
+    let ft = crate::files::upload(&s, &t, "recipe.txt", b"flour, water").await;
     let (st, v) = turn(
         &s,
         &t,
         &id,
-        json!({"prompt": "read it @stub:cwd", "files": ["ff_testfile0001"]}),
+        json!({"prompt": "read it @stub:cwd", "files": [ft]}),
     )
     .await;
     assert_eq!(st, 200, "{v}");

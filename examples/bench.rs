@@ -1,0 +1,463 @@
+//! Benchmarks (not tests): latency of `/run` against spawning the CLI directly, with the
+//! warm pool off and on, the real pinned `claude` against the fake upstream and the stub
+//! `claude`, and the server's memory idle and under a queue. Prints one table; every row
+//! of a group is measured side by side in the same run. Run through `scripts/bench.sh`,
+//! which builds the release binary first.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/common/fake_upstream.rs"]
+mod fake_upstream;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_upstream::{FakeUpstream, Reply};
+use serde_json::{json, Value};
+
+const ADMIN: &str = "bench-admin-secret-0123456789abcdef";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A release server in its own process, so its memory can be read from /proc.
+struct Server {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(claude: &Path, env: &[(String, String)], extra: &[(&str, String)]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = repo().join("target/release/clawdforge");
+        let mut cmd = Command::new(&bin);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CLAWDFORGE_DATA_DIR", dir.path().join("data"))
+            .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
+            .env("ADMIN_BOOTSTRAP_TOKEN", ADMIN)
+            .env("CLAUDE_BIN", claude)
+            .env("ACPX_BIN", repo().join("tests/stubs/acpx"))
+            .env("RUST_LOG", "warn,clawdforge=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/bench.sh)", bin.display()));
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let url = loop {
+            let line = lines.next().expect("server exited").unwrap();
+            if let (true, Some(i)) = (line.contains("listening"), line.find("127.0.0.1:")) {
+                let addr: String = line[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect();
+                break format!("http://{addr}");
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    fn rss_kb(&self) -> u64 {
+        status_kb(self.child.id(), "VmRSS")
+    }
+
+    async fn mint(&self, client: &reqwest::Client) -> String {
+        let v: Value = client
+            .post(format!("{}/admin/tokens", self.url))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": "bench"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    async fn warm_idle(&self, client: &reqwest::Client) -> u64 {
+        let v: Value = client
+            .get(format!("{}/healthz", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["warm_pool"]["idle"].as_u64().unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+fn status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with(field)).map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse()
+                    .unwrap_or(0)
+            })
+        })
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct Stats {
+    ms: Vec<f64>,
+}
+
+impl Stats {
+    fn pct(&self, p: f64) -> f64 {
+        let mut v = self.ms.clone();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+        v[i]
+    }
+}
+
+/// Runs `total` calls of `f` with `conc` in flight at once; latency of each.
+async fn measure<F, Fut>(total: usize, conc: usize, f: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static + Clone,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..conc {
+        let (f, next) = (f.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= total {
+                    break;
+                }
+                let t = Instant::now();
+                f(i).await;
+                out.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            out
+        }));
+    }
+    let mut stats = Stats::default();
+    for w in workers {
+        stats.ms.extend(w.await.unwrap());
+    }
+    stats
+}
+
+/// Spawns the CLI directly the way a caller without the broker would.
+async fn direct(claude: PathBuf, env: Vec<(String, String)>, prompt: String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(&claude)
+        .args([
+            "-p",
+            "--output-format",
+            "json",
+            "--model=sonnet",
+            "--no-session-persistence",
+        ])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, prompt.as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).expect("direct spawn printed JSON");
+    assert_eq!(v["is_error"], false, "{v}");
+}
+
+async fn via(client: reqwest::Client, url: String, token: String, prompt: String) {
+    let res = client
+        .post(format!("{url}/run"))
+        .bearer_auth(token)
+        .json(&json!({ "prompt": prompt }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
+}
+
+struct Table(Vec<[String; 6]>);
+
+impl Table {
+    fn row(&mut self, group: &str, what: &str, conc: usize, s: &Stats, base: Option<&Stats>) {
+        let diff = base
+            .map(|b| format!("{:+.1}", s.pct(0.5) - b.pct(0.5)))
+            .unwrap_or_default();
+        self.0.push([
+            group.into(),
+            what.into(),
+            conc.to_string(),
+            format!("{:.1}", s.pct(0.5)),
+            format!("{:.1}", s.pct(0.99)),
+            diff,
+        ]);
+    }
+
+    fn note(&mut self, group: &str, what: &str, value: String) {
+        self.0.push([
+            group.into(),
+            what.into(),
+            String::new(),
+            value,
+            String::new(),
+            String::new(),
+        ]);
+    }
+
+    fn print(&self) {
+        let head = [
+            "group",
+            "measurement",
+            "conc",
+            "p50 ms / value",
+            "p99 ms",
+            "Δp50 vs direct",
+        ];
+        let mut w = head.map(str::len);
+        for r in &self.0 {
+            for (i, c) in r.iter().enumerate() {
+                w[i] = w[i].max(c.len());
+            }
+        }
+        let line = |r: &[String; 6]| {
+            let cells: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{:<width$}", c, width = w[i]))
+                .collect();
+            format!("| {} |", cells.join(" | "))
+        };
+        let out = std::io::stdout();
+        let mut out = out.lock();
+        writeln!(out, "{}", line(&head.map(String::from))).unwrap();
+        writeln!(
+            out,
+            "|{}|",
+            w.iter()
+                .map(|n| "-".repeat(n + 2))
+                .collect::<Vec<_>>()
+                .join("|")
+        )
+        .unwrap();
+        for r in &self.0 {
+            writeln!(out, "{}", line(r)).unwrap();
+        }
+    }
+}
+
+async fn real_claude_rows(table: &mut Table) {
+    let claude = repo().join(".agents/node_modules/.bin/claude");
+    if !claude.exists() {
+        table.note(
+            "real claude",
+            "skipped: run scripts/install-agents.sh",
+            String::new(),
+        );
+        return;
+    }
+    let n = env_usize("BENCH_REAL_N", 12);
+    let fake = FakeUpstream::start().await;
+    fake.set_default_reply(Reply::text("pong"));
+    let cfg = tempfile::tempdir().unwrap();
+    let env = fake.child_env(cfg.path());
+    let client = reqwest::Client::new();
+    let cold = Server::start(
+        &claude,
+        &env,
+        &[
+            ("CLAWDFORGE_WARM_POOL", "0".into()),
+            ("CLAWDFORGE_MAX_CONCURRENT", "4".into()),
+        ],
+    );
+    let warm = Server::start(
+        &claude,
+        &env,
+        &[
+            ("CLAWDFORGE_WARM_POOL", "4".into()),
+            ("CLAWDFORGE_MAX_CONCURRENT", "4".into()),
+        ],
+    );
+    let (ct, wt) = (cold.mint(&client).await, warm.mint(&client).await);
+    for conc in [1usize, 4] {
+        let total = n * conc.min(2);
+        let (c2, e2) = (claude.clone(), env.clone());
+        let d = measure(total, conc, move |_| {
+            direct(c2.clone(), e2.clone(), "ping".into())
+        })
+        .await;
+        let (cl, u, t) = (client.clone(), cold.url.clone(), ct.clone());
+        let c = measure(total, conc, move |_| {
+            via(cl.clone(), u.clone(), t.clone(), "ping".into())
+        })
+        .await;
+        // Warm rows: wait for the pool to be full between requests' bursts, as a steady
+        // trickle of requests would find it.
+        let mut w = Stats::default();
+        for _ in 0..(total / conc) {
+            while warm.warm_idle(&client).await < 4 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let (cl, u, t) = (client.clone(), warm.url.clone(), wt.clone());
+            let burst = measure(conc, conc, move |_| {
+                via(cl.clone(), u.clone(), t.clone(), "ping".into())
+            })
+            .await;
+            w.ms.extend(burst.ms);
+        }
+        table.row("real claude", "direct cold spawn", conc, &d, None);
+        table.row("real claude", "/run cold (pool off)", conc, &c, Some(&d));
+        table.row("real claude", "/run warm (pool 4)", conc, &w, Some(&d));
+        table.note(
+            "real claude",
+            "warm p50 / direct p50",
+            format!("{:.2}x", w.pct(0.5) / d.pct(0.5)),
+        );
+    }
+    let rss_warm = warm.rss_kb();
+    table.note(
+        "real claude",
+        "server RSS (pool 4, excl. children)",
+        format!("{} MB", rss_warm / 1024),
+    );
+}
+
+async fn stub_rows(table: &mut Table) {
+    let claude = repo().join("tests/stubs/claude");
+    let n = env_usize("BENCH_STUB_N", 200);
+    let client = reqwest::Client::new();
+    let s = Server::start(
+        &claude,
+        &[],
+        &[
+            ("CLAWDFORGE_WARM_POOL", "0".into()),
+            ("CLAWDFORGE_MAX_CONCURRENT", "16".into()),
+        ],
+    );
+    let t = s.mint(&client).await;
+    table.note(
+        "stub claude",
+        "server RSS idle",
+        format!("{} MB", s.rss_kb() / 1024),
+    );
+    for conc in [1usize, 16] {
+        let c2 = claude.clone();
+        let d = measure(n, conc, move |_| direct(c2.clone(), vec![], "ping".into())).await;
+        let (cl, u, tk) = (client.clone(), s.url.clone(), t.clone());
+        let r = measure(n, conc, move |_| {
+            via(cl.clone(), u.clone(), tk.clone(), "ping".into())
+        })
+        .await;
+        table.row("stub claude", "direct spawn", conc, &d, None);
+        table.row("stub claude", "/run (pool off)", conc, &r, Some(&d));
+    }
+    drop(s);
+
+    // 200 requests in flight: 4 running, the rest queued.
+    let s = Server::start(
+        &claude,
+        &[],
+        &[
+            ("CLAWDFORGE_WARM_POOL", "0".into()),
+            ("CLAWDFORGE_MAX_CONCURRENT", "4".into()),
+            ("CLAWDFORGE_MAX_QUEUE", "256".into()),
+            ("CLAWDFORGE_QUEUE_TIMEOUT_SECS", "120".into()),
+        ],
+    );
+    let t = s.mint(&client).await;
+    let idle = s.rss_kb();
+    let pid = s.child.id();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                peak.fetch_max(status_kb(pid, "VmRSS"), std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let (cl, u) = (client.clone(), s.url.clone());
+    measure(200, 200, move |_| {
+        via(cl.clone(), u.clone(), t.clone(), "@stub:sleep=0.2".into())
+    })
+    .await;
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    sampler.join().unwrap();
+    table.note("server", "RSS idle", format!("{} MB", idle / 1024));
+    table.note(
+        "server",
+        "RSS peak, 200 requests queued/running",
+        format!(
+            "{} MB",
+            peak.load(std::sync::atomic::Ordering::SeqCst) / 1024
+        ),
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let mut table = Table(Vec::new());
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "stub" {
+        stub_rows(&mut table).await;
+    }
+    if only.is_empty() || only == "real" {
+        real_claude_rows(&mut table).await;
+    }
+    table.print();
+}

@@ -1,0 +1,92 @@
+//! `/files`: uploads (multipart, streamed to disk) and their metadata, each visible only to
+//! the token that uploaded it.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde::Serialize;
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::files::{self, upload};
+use crate::http::extract::{ApiPath, AppCaller};
+use crate::http::ok;
+
+#[derive(Debug, Serialize)]
+pub struct UploadAnswer {
+    pub file_token: String,
+    pub ttl_secs: u64,
+    pub size: u64,
+    pub sha256: String,
+    pub filename: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Empty {}
+
+pub async fn upload(
+    caller: AppCaller,
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<impl IntoResponse> {
+    let boundary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| multer::parse_boundary(ct).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request("expected a multipart/form-data body (with a boundary)")
+        })?;
+    let max_bytes = state.config.settings.max_upload_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    upload::check_declared_length(declared, max_bytes)?;
+    let up = upload::receive(
+        &state.db,
+        &state.config.uploads_dir,
+        max_bytes,
+        &caller.token.id,
+        boundary,
+        body.into_data_stream(),
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        ok(UploadAnswer {
+            file_token: up.record.file_token,
+            ttl_secs: up.ttl.get(),
+            size: up.record.size,
+            sha256: up.record.sha256,
+            filename: up.record.filename,
+        }),
+    ))
+}
+
+pub async fn show(
+    caller: AppCaller,
+    State(state): State<Arc<AppState>>,
+    ApiPath(file_token): ApiPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    let record = files::find(&state.db, &caller.token.id, &file_token).await?;
+    Ok(ok(record))
+}
+
+pub async fn delete(
+    caller: AppCaller,
+    State(state): State<Arc<AppState>>,
+    ApiPath(file_token): ApiPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    files::delete(
+        &state.db,
+        &state.config.uploads_dir,
+        &caller.token.id,
+        &file_token,
+    )
+    .await?;
+    Ok(ok(Empty {}))
+}
