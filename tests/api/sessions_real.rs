@@ -14,6 +14,10 @@ use crate::harness::{alive, body, eventually, real_bin, TestServer};
 use crate::real::{real_server, real_server_in};
 use crate::sessions::{call, create, served_session, spawn_served_turn, spawn_turn, turn};
 
+/// The session idle TTL, hence acpx's `--ttl`: a test that fails before closing its
+/// session leaves a warm agent behind for this long, not the default hour.
+const OWNER_TTL: u64 = 300;
+
 /// Pids named by acpx's queue-owner locks under `home`.
 fn owner_pids(home: &Path) -> Vec<i32> {
     std::fs::read_dir(home.join(".acpx/queues"))
@@ -69,7 +73,10 @@ fn request_for(fake: &FakeUpstream, needle: &str) -> Value {
 async fn real_acpx_carries_context_across_turns_and_a_restart() {
     let fake = FakeUpstream::start().await;
     fake.reply_when("TURNONE", Reply::text("Noted, pineapple."));
-    let tweak = |c: &mut clawdforge::Config| c.settings.sweep_interval_secs = 3600;
+    let tweak = |c: &mut clawdforge::Config| {
+        c.settings.sweep_interval_secs = 3600;
+        c.settings.session_ttl_secs = OWNER_TTL;
+    };
     let s = real_server(&fake, tweak).await;
     let home = home(&s);
     let (_, t) = s.mint("real").await;
@@ -226,7 +233,7 @@ async fn real_acpx_cancel_and_timeout_leave_the_session_usable() {
         Reply::delayed(Duration::from_secs(30), Reply::text("too late")),
     );
     fake.reply_when("HANGONE", Reply::Hang);
-    let s = real_server(&fake, |_| {}).await;
+    let s = real_server(&fake, |c| c.settings.session_ttl_secs = OWNER_TTL).await;
     let home = home(&s);
     let (_, t) = s.mint("real").await;
     let (_, v) = create(&s, &t, json!({})).await;
@@ -300,6 +307,10 @@ async fn real_acpx_survivors_of_a_sigkilled_server_are_stopped_at_start_up() {
         ("ADMIN_BOOTSTRAP_TOKEN".to_string(), admin.to_string()),
         ("HOME".to_string(), home_s),
         ("ACPX_BIN".to_string(), acpx),
+        (
+            "CLAWDFORGE_SESSION_TTL_SECS".to_string(),
+            OWNER_TTL.to_string(),
+        ),
     ]);
     let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let data = dir.path().join("data");
