@@ -8,5 +8,6 @@ mod fake_upstream;
 mod foundation;
 mod harness;
 mod netns;
+mod ops;
 mod real;
 mod runs;
