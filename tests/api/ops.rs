@@ -1,16 +1,20 @@
 //! Operator commands, run as the real binary: `clawdforge doctor` (healthy with the stub
 //! CLIs; failing with an exit status and a fix when the login, acpx, its adapter, a
-//! directory or the database is wrong).
+//! directory or the database is wrong), and `clawdforge backup` (a consistent copy taken
+//! while the server writes, which a new server then runs on).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use serde_json::Value;
+use reqwest::Method;
+use serde_json::{json, Value};
 use tempfile::TempDir;
 
 use crate::binary::bin;
-use crate::harness::{stub, TestServer};
+use crate::harness::{body, stub, TestServer, ADMIN};
 
 /// A directory holding `bin/` with the stub CLIs the way an npm prefix holds the real
 /// ones: `claude`, `acpx` and (unless left out) the ACP adapter beside acpx.
@@ -275,4 +279,162 @@ fn doctor_fails_on_a_data_dir_owned_by_someone_else() {
         .as_str()
         .unwrap()
         .contains("cannot be created"));
+}
+
+fn token_ids(v: &Value) -> Vec<String> {
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn run_backup(data: &Path, dest: &Path) -> Output {
+    bin()
+        .env("CLAWDFORGE_DATA_DIR", data)
+        .arg("backup")
+        .arg(dest)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn backup_while_the_server_writes_is_consistent_and_restores() {
+    let s = TestServer::start().await;
+    let (_, app_token) = s.mint("before").await;
+    // Writers: keep minting tokens through the admin API (each one a write transaction
+    // with an audit row) until told to stop, recording each id once its answer is in.
+    let minted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let (url, minted, stop) = (s.url.clone(), minted.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let res = client
+                    .post(format!("{url}/admin/tokens"))
+                    .bearer_auth(ADMIN)
+                    .json(&json!({ "name": format!("writer-{w}-{n}") }))
+                    .send()
+                    .await
+                    .unwrap();
+                let (st, v) = body(res).await;
+                assert_eq!(st, 201, "{v}");
+                minted
+                    .lock()
+                    .unwrap()
+                    .push(v["id"].as_str().unwrap().to_string());
+                n += 1;
+            }
+            n
+        }));
+    }
+    while minted.lock().unwrap().len() < 40 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Everything minted so far must be in the copy: taken before the backup starts.
+    let before: Vec<String> = minted.lock().unwrap().clone();
+    let copy_dir = tempfile::tempdir().unwrap();
+    let copy = copy_dir.path().join("backup.db");
+    let (data, dest) = (s.data_dir(), copy.clone());
+    let out = tokio::task::spawn_blocking(move || run_backup(&data, &dest))
+        .await
+        .unwrap();
+    let during = minted.lock().unwrap().len() - before.len();
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for w in writers {
+        total += w.await.unwrap();
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("backed up"));
+    eprintln!(
+        "backup: {} rows before, {during} written during, {total} in all",
+        before.len()
+    );
+    assert!(during > 0, "no writes happened during the backup");
+
+    // The copy: one self-contained, intact file with every row that existed before.
+    assert!(!copy_dir.path().join("backup.db-wal").exists());
+    let names: Vec<_> = std::fs::read_dir(copy_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("backup.db")],
+        "leftovers"
+    );
+    {
+        let db = rusqlite::Connection::open_with_flags(
+            &copy,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let check: String = db
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
+        let mode: String = db
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "delete");
+        for id in &before {
+            let n: i64 = db
+                .query_row("SELECT count(*) FROM tokens WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(n, 1, "{id} minted before the backup is not in it");
+        }
+    }
+    s.stop().await;
+
+    // Restore: a new server on a data dir holding the copy serves the same tokens.
+    let restored = Arc::new(tempfile::tempdir().unwrap());
+    std::fs::create_dir_all(restored.path().join("data")).unwrap();
+    std::fs::copy(&copy, restored.path().join("data/clawdforge.db")).unwrap();
+    let r = TestServer::start_in(restored, |_| {}).await;
+    let (st, v) = body(r.admin(Method::GET, "/admin/tokens").send().await.unwrap()).await;
+    assert_eq!(st, 200);
+    let listed = token_ids(&v);
+    for id in &before {
+        assert!(listed.contains(id), "{id} missing after restore");
+    }
+    // Secrets came along as hashes: a token minted before the backup still works.
+    let res = r
+        .app(&app_token, Method::POST, "/run")
+        .json(&json!({ "prompt": "still here?" }))
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = body(res).await;
+    assert_eq!(st, 200, "{v}");
+}
+
+#[tokio::test]
+async fn backup_refuses_to_overwrite_and_needs_a_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_backup(&dir.path().join("nothing"), &dir.path().join("b.db"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist: nothing to back up"), "{err}");
+
+    let s = TestServer::start().await;
+    let dest = dir.path().join("taken.db");
+    std::fs::write(&dest, "precious").unwrap();
+    let out = run_backup(&s.data_dir(), &dest);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"));
+    assert_eq!(std::fs::read_to_string(&dest).unwrap(), "precious");
+    let out = run_backup(&s.data_dir(), &dir.path().join("no/such/dir/b.db"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot create a file in"));
 }
