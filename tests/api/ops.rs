@@ -1,7 +1,8 @@
 //! Operator commands, run as the real binary: `clawdforge doctor` (healthy with the stub
 //! CLIs; failing with an exit status and a fix when the login, acpx, its adapter, a
-//! directory or the database is wrong), and `clawdforge backup` (a consistent copy taken
-//! while the server writes, which a new server then runs on).
+//! directory or the database is wrong), `clawdforge backup` (a consistent copy taken while
+//! the server writes, which a new server then runs on), and `scripts/smoke.sh` against a
+//! live server.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -14,7 +15,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 use crate::binary::bin;
-use crate::harness::{body, stub, TestServer, ADMIN};
+use crate::harness::{body, repo_root, stub, TestServer, ADMIN};
 
 /// A directory holding `bin/` with the stub CLIs the way an npm prefix holds the real
 /// ones: `claude`, `acpx` and (unless left out) the ACP adapter beside acpx.
@@ -437,4 +438,78 @@ async fn backup_refuses_to_overwrite_and_needs_a_database() {
     let out = run_backup(&s.data_dir(), &dir.path().join("no/such/dir/b.db"));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot create a file in"));
+}
+
+/// `scripts/smoke.sh` with `ADMIN_BOOTSTRAP_TOKEN` and the server's URL, as an operator
+/// runs it.
+async fn smoke(s: &TestServer, extra: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = tokio::process::Command::new(repo_root().join("scripts/smoke.sh"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("ADMIN_BOOTSTRAP_TOKEN", ADMIN)
+        .arg(&s.url)
+        .stdin(std::process::Stdio::null());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
+        .await
+        .expect("smoke.sh hung")
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Every token smoke.sh minted is revoked again, whatever happened.
+async fn assert_smoke_cleaned_up(s: &TestServer) {
+    let (_, v) = body(s.admin(Method::GET, "/admin/tokens").send().await.unwrap()).await;
+    let smoke: Vec<&Value> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["name"].as_str().unwrap().starts_with("smoke-"))
+        .collect();
+    assert!(!smoke.is_empty());
+    for t in smoke {
+        assert!(t["revoked_at"].is_string(), "left behind: {t}");
+    }
+}
+
+#[tokio::test]
+async fn smoke_script_passes_against_a_live_server() {
+    let s = TestServer::start().await;
+
+    // The parts that exist on every build: healthz, minting, one run, cleanup.
+    let (code, out) = smoke(&s, &[("SMOKE_SKIP_SESSIONS", "1")]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("OK    1. healthz: clawdforge 0.1.0"), "{out}");
+    assert!(
+        out.contains("OK    3. run: result=echo: Reply with"),
+        "{out}"
+    );
+    assert!(
+        out.contains("SKIP  sessions (SMOKE_SKIP_SESSIONS=1)"),
+        "{out}"
+    );
+    assert!(out.contains("smoke: all 4 steps passed"), "{out}");
+    assert_smoke_cleaned_up(&s).await;
+
+    // The whole script, sessions included. Until the sessions routes exist it must fail
+    // exactly there, after the run passed, and still clean up.
+    let (code, out) = smoke(&s, &[]).await;
+    assert!(out.contains("OK    3. run: "), "{out}");
+    let probe = s.req(Method::POST, "/sessions").send().await.unwrap();
+    let sessions_exist = !matches!(probe.status().as_u16(), 404 | 405);
+    if sessions_exist {
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("smoke: all 7 steps passed"), "{out}");
+    } else {
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("FAIL  4. POST /sessions"), "{out}");
+    }
+    assert_smoke_cleaned_up(&s).await;
 }
