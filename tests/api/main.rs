@@ -9,5 +9,6 @@ mod foundation;
 mod harness;
 mod netns;
 mod ops;
+mod readme;
 mod real;
 mod runs;
