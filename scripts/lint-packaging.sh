@@ -44,19 +44,7 @@ ensure_hadolint() {
   command -v hadolint >/dev/null 2>&1
 }
 
-apt_updated=""
-apt_install() {
-  if [ "$(id -u)" != 0 ]; then
-    log "cannot install $* without root; install it and rerun" >&2
-    return 1
-  fi
-  if [ -z "$apt_updated" ]; then
-    apt-get update -qq >/dev/null
-    apt_updated=1
-  fi
-  log "installing $* (apt)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
+apt_install() { "$repo/scripts/apt-install.sh" "$@"; }
 
 compose=()
 ensure_compose() {

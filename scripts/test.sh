@@ -8,19 +8,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # The real agent CLIs, pinned, into ./.agents (idempotent).
 scripts/install-agents.sh
 
-apt_updated=""
-apt_install() {
-  if [ "$(id -u)" != 0 ]; then
-    echo "test.sh: please install: $*" >&2
-    exit 1
-  fi
-  if [ -z "$apt_updated" ]; then
-    apt-get update -qq
-    apt_updated=1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
-}
-
 # Tools the tests use from Debian: curl and ip(8) for the network-namespace test, python3
 # for the stub CLIs. Installed only when missing (CI starts from a bare machine).
 missing=()
@@ -28,7 +15,7 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -x /usr/bin/python3 ] || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
-  apt_install "${missing[@]}"
+  scripts/apt-install.sh "${missing[@]}"
 fi
 
 # `requests` for the README's Python snippet (tests/api/readme.rs), in the python3 first
@@ -36,7 +23,7 @@ fi
 # for any other (pyenv, a venv).
 if ! python3 -c 'import requests' >/dev/null 2>&1; then
   if [ "$(command -v python3)" = /usr/bin/python3 ]; then
-    apt_install python3-requests
+    scripts/apt-install.sh python3-requests
   else
     python3 -m pip install --quiet --disable-pip-version-check requests
   fi
