@@ -11,6 +11,8 @@ mod foundation;
 #[allow(dead_code)]
 mod harness;
 mod netns;
+mod ops;
+mod readme;
 mod real;
 mod runs;
 mod sessions;
