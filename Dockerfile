@@ -7,7 +7,8 @@
 # npm packages that need Node >= 22 (see shared CONTRACTS.md).
 
 # The builder's toolchain. The crate's own MSRV is 1.85, but the locked
-# dependencies need up to 1.89; pin a tag we have built with. bookworm on both
+# dependencies need up to 1.89 (scripts/lint-packaging.sh checks the tag against
+# Cargo.lock); pin a tag we have built with. bookworm on both
 # stages so the binary links against the same glibc it runs on.
 ARG RUST_IMAGE=rust:1.95-slim-bookworm
 ARG NODE_IMAGE=node:22-bookworm-slim
@@ -39,12 +40,14 @@ FROM ${NODE_IMAGE} AS runtime
 # tini as PID 1: the server spawns many short-lived agent process trees and
 # must not leave zombies behind; it also forwards SIGTERM for a clean exit.
 # ca-certificates: the agents talk TLS to Anthropic (and npm at build time).
+# util-linux: `setpriv`, through which the server starts every agent so that it
+# dies with a SIGKILLed server (already in the base image; named so it stays).
 # Versions are not pinned: the base tag fixes the Debian release, and bookworm
 # only ships security fixes, which we want; exact pins break the build as soon
 # as the archive drops the old revision.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini ca-certificates \
+    && apt-get install -y --no-install-recommends tini ca-certificates util-linux \
     && rm -rf /var/lib/apt/lists/*
 
 # Claude Code refuses --dangerously-skip-permissions (used by the ACP adapter)

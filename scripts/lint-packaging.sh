@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Static checks for the packaging: Dockerfile (hadolint), compose.yml
-# (docker-compose config), every shell script (shellcheck, bash -n), the
-# health probe (node --check), and .env.example against the settings listed in
-# shared/API.md. No container engine needed.
+# Static checks for the packaging: Dockerfile (hadolint; its base images against
+# Cargo.lock), compose.yml (docker-compose config), every shell script
+# (shellcheck, bash -n), the health probe (node --check), and .env.example
+# against the settings listed in shared/API.md. No container engine needed.
 #
 #   scripts/lint-packaging.sh
 #
@@ -44,19 +44,7 @@ ensure_hadolint() {
   command -v hadolint >/dev/null 2>&1
 }
 
-apt_updated=""
-apt_install() {
-  if [ "$(id -u)" != 0 ]; then
-    log "cannot install $* without root; install it and rerun" >&2
-    return 1
-  fi
-  if [ -z "$apt_updated" ]; then
-    apt-get update -qq >/dev/null
-    apt_updated=1
-  fi
-  log "installing $* (apt)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
+apt_install() { "$repo/scripts/apt-install.sh" "$@"; }
 
 compose=()
 ensure_compose() {
@@ -163,7 +151,32 @@ settings_in_api_md() {
   grep -E '^\| `[A-Z_]+`' "$api_md" | grep -oE '`[A-Z][A-Z0-9_]+`' | tr -d '`' | sort -u
 }
 
+# The Dockerfile's base images against what the code needs: the Rust tag must be at least
+# the newest rust-version among the locked packages (else `cargo build --locked` fails in
+# the builder), and Node at least 22 (the agent CLIs declare it).
+run_images() {
+  need cargo || return 1
+  local rust node want
+  rust="$(sed -n 's/^ARG RUST_IMAGE=rust:\([0-9][0-9.]*\)-.*/\1/p' Dockerfile)"
+  node="$(sed -n 's/^ARG NODE_IMAGE=node:\([0-9][0-9]*\)[-.].*/\1/p' Dockerfile)"
+  [ -n "$rust" ] || { echo "Dockerfile: no ARG RUST_IMAGE=rust:<version>-<variant>"; return 1; }
+  [ -n "$node" ] || { echo "Dockerfile: no ARG NODE_IMAGE=node:<major>-<variant>"; return 1; }
+  want="$(cargo metadata --locked --format-version 1 | python3 -c '
+import json, sys
+versions = [p.get("rust_version") or "0" for p in json.load(sys.stdin)["packages"]]
+print(max(versions, key=lambda v: [int(x) for x in v.split(".")]))')" || return 1
+  if [ "$(printf '%s\n%s\n' "$want" "$rust" | sort -V | head -n1)" != "$want" ]; then
+    echo "Dockerfile: rust:$rust is older than Rust $want, which Cargo.lock's packages need"
+    return 1
+  fi
+  if [ "$node" -lt 22 ]; then
+    echo "Dockerfile: node:$node is older than Node 22, which the agent CLIs need"
+    return 1
+  fi
+}
+
 check hadolint run_hadolint
+check images run_images
 check compose run_compose
 check shellcheck run_shellcheck
 check "bash -n" run_bash_n

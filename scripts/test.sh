@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): installs what the tests need, then runs every test.
-# Both tiers run: stub CLIs (tests/stubs) and the real pinned CLIs against a fake upstream.
+# The test command (README, .ci/run): installs what the tests need, lints the packaging,
+# then runs every test. Both tiers run: stub CLIs (tests/stubs) and the real pinned CLIs
+# against a fake upstream. Idempotent: with everything installed it installs nothing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -14,13 +15,22 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -x /usr/bin/python3 ] || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  scripts/apt-install.sh "${missing[@]}"
+fi
+
+# `requests` for the README's Python snippet (tests/api/readme.rs), in the python3 first
+# on PATH, which is the one the test runs: Debian's package for the system python, pip
+# for any other (pyenv, a venv).
+if ! python3 -c 'import requests' >/dev/null 2>&1; then
+  if [ "$(command -v python3)" = /usr/bin/python3 ]; then
+    scripts/apt-install.sh python3-requests
   else
-    echo "test.sh: please install: ${missing[*]}" >&2
-    exit 1
+    python3 -m pip install --quiet --disable-pip-version-check requests
   fi
 fi
+
+# Dockerfile, compose.yml, shell scripts, .env.example: a finding fails the run.
+scripts/lint-packaging.sh
 
 cargo test --locked --all-targets "$@"
 # The API suite again with the warm pool on: answers must not depend on which path served.

@@ -15,8 +15,10 @@ use crate::config::Config;
 use crate::http::extract::{admin_digest, LastUsed};
 use crate::probe::Probes;
 use crate::runner::warm::WarmPool;
+use crate::sessions::SessionManager;
 use crate::slots::Slots;
 use crate::store::Db;
+use crate::sweeper::Sweeper;
 
 /// How often batched `last_used_at` stamps are written.
 const LAST_USED_FLUSH: Duration = Duration::from_secs(5);
@@ -39,6 +41,10 @@ pub struct AppState {
     pub admin_digest: Option<[u8; 32]>,
     /// Admission control for agent processes (runs and turns).
     pub slots: Slots,
+    /// What runs in which session now.
+    pub sessions: SessionManager,
+    /// Held by a sweep pass, so passes never overlap.
+    pub sweeping: tokio::sync::Mutex<()>,
     /// Pre-started claude processes for /run.
     pub warm: Arc<WarmPool>,
 }
@@ -54,13 +60,27 @@ impl AppState {
             .saturating_add(64 * 1024)
     }
 
-    /// Called after a token is revoked (by the admin API) to stop what it owns.
-    pub async fn on_token_revoked(&self, _token_id: &str) {}
+    /// Called after a token is revoked (by the admin API) to stop what it owns: its
+    /// sessions are closed (a running turn is stopped first).
+    pub async fn on_token_revoked(&self, token_id: &str) {
+        match crate::sessions::close_all_of(self, token_id).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                token_id,
+                sessions = n,
+                "closed the sessions of a revoked token"
+            ),
+            Err(e) => {
+                tracing::warn!(token_id, error = %e, "could not close the sessions of a revoked token")
+            }
+        }
+    }
 }
 
 /// A started application: state built, database open, background tasks running.
 pub struct App {
     state: Arc<AppState>,
+    sweeper: Sweeper,
 }
 
 impl App {
@@ -86,6 +106,14 @@ impl App {
             tracing::warn!(killed, dirs, "cleaned up after the previous process");
         }
         remove_orphan_run_dirs(&config.runs_dir);
+        let in_flight = db.read(crate::sessions::store::turns_in_flight).await?;
+        let owners = crate::sessions::reconcile_owners(&db, &config, &in_flight).await?;
+        if owners > 0 {
+            tracing::warn!(
+                owners,
+                "stopped acpx queue owners busy with abandoned turns"
+            );
+        }
         let orphans = crate::files::remove_orphans(&db, &config.uploads_dir).await?;
         if orphans > 0 {
             tracing::warn!(orphans, "removed uploads interrupted by the last shutdown");
@@ -132,9 +160,14 @@ impl App {
             started_at: Instant::now(),
             last_used: LastUsed::default(),
             shutdown,
+            sessions: SessionManager::default(),
+            sweeping: tokio::sync::Mutex::new(()),
         });
         spawn_last_used_flusher(state.clone());
-        Ok(App { state })
+        // The start-up pass runs before the server listens, so nothing races it.
+        crate::sweeper::sweep_once(&state).await;
+        let sweeper = Sweeper::start(state.clone()).await?;
+        Ok(App { state, sweeper })
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -157,6 +190,7 @@ impl App {
         let app = self
             .router()
             .into_make_service_with_connect_info::<SocketAddr>();
+        let sweeper = self.sweeper;
         let signalled = CancellationToken::new();
         let signalled_tx = signalled.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -175,6 +209,7 @@ impl App {
             }
         }
         state.shutdown.cancel();
+        sweeper.stop().await;
         flush_last_used(&state).await;
         state.db.clone().close().await;
         Ok(())

@@ -63,35 +63,85 @@ pub fn tokens(config: &Config, cmd: TokensCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A consistent copy of the live database through SQLite's online backup API, which copies
-/// page by page and restarts if a writer changes pages underneath it.
+/// A consistent copy of the live database through SQLite's online backup API, safe while
+/// the server writes.
+///
+/// The copy is taken in one backup step, i.e. inside one read transaction: under WAL the
+/// server's writes go on meanwhile, and the copy is the database as of that transaction's
+/// start. (Copying in small steps, the usual advice for rollback-journal databases, would
+/// restart whenever the server writes between two steps, and never finish on a busy one.)
+/// It is written to a temp file beside `dest` and renamed into place only once complete
+/// and verified, so `dest` is either a whole, checked copy or absent; an existing `dest` is
+/// never overwritten.
 pub fn backup(config: &Config, dest: &std::path::Path) -> anyhow::Result<()> {
-    let src = rusqlite::Connection::open_with_flags(
-        &config.db_path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .with_context(|| format!("cannot open {}", config.db_path.display()))?;
-    src.busy_timeout(std::time::Duration::from_secs(5))?;
+    if !config.db_path.exists() {
+        anyhow::bail!(
+            "{} does not exist: nothing to back up (is CLAWDFORGE_DATA_DIR right?)",
+            config.db_path.display()
+        );
+    }
     if dest.exists() {
         anyhow::bail!(
             "{} already exists; refusing to overwrite it",
             dest.display()
         );
     }
-    let mut dst = rusqlite::Connection::open(dest)
-        .with_context(|| format!("cannot create {}", dest.display()))?;
+    let src = rusqlite::Connection::open_with_flags(
+        &config.db_path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .with_context(|| format!("cannot open {}", config.db_path.display()))?;
+    src.busy_timeout(std::time::Duration::from_secs(5))?;
+
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let partial = tempfile::Builder::new()
+        .prefix(".clawdforge-backup-")
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
     {
-        let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
-        backup.run_to_completion(256, std::time::Duration::from_millis(5), None)?;
+        let mut dst = rusqlite::Connection::open(partial.path())
+            .with_context(|| format!("cannot open {}", partial.path().display()))?;
+        copy_all(&src, &mut dst)?;
+        // The copy inherits WAL mode from the live database; switch it back so the backup
+        // is one self-contained file (the server turns WAL on again when it opens it).
+        dst.pragma_update(None, "journal_mode", "DELETE")?;
+        let check: String = dst.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        if check != "ok" {
+            anyhow::bail!("the copy failed its integrity check: {check}");
+        }
     }
-    let check: String = dst.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
-    if check != "ok" {
-        anyhow::bail!("the copy failed its integrity check: {check}");
-    }
+    partial.as_file().sync_all()?;
+    partial
+        .persist_noclobber(dest)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot move the copy to {}", dest.display()))?;
     println!(
         "backed up {} to {}",
         config.db_path.display(),
         dest.display()
     );
     Ok(())
+}
+
+/// Copies every page of `src` into `dst` in one step, retrying while a writer holds a lock
+/// the read transaction has to wait for.
+fn copy_all(src: &rusqlite::Connection, dst: &mut rusqlite::Connection) -> anyhow::Result<()> {
+    use rusqlite::backup::{Backup, StepResult};
+    let backup = Backup::new(src, dst)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match backup.step(-1)? {
+            StepResult::Done => return Ok(()),
+            StepResult::More | StepResult::Busy | StepResult::Locked
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            _ => anyhow::bail!("the database stayed locked for a minute; try again"),
+        }
+    }
 }

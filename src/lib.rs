@@ -12,6 +12,7 @@
 //! - [`slots`]: admission control for agent processes;
 //! - [`files`]: uploads and staging them into working dirs;
 //! - [`sessions`]: multi-turn sessions through acpx;
+//! - [`sweeper`]: periodic clean-up (idle sessions, expired uploads, orphaned dirs, audit);
 //! - [`probe`]: cached CLI version probes for `/healthz`;
 //! - [`cli`]: subcommands that work without a server.
 
@@ -30,6 +31,7 @@ pub mod runner;
 pub mod sessions;
 pub mod slots;
 pub mod store;
+pub mod sweeper;
 pub mod util;
 
 pub use app::{run, App, AppState};

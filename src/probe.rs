@@ -77,19 +77,37 @@ impl Probes {
     }
 }
 
-/// `PROGRAM --version`, first line, trimmed; `None` when missing, failing or slow.
-pub async fn version_of(config: &Config, program: &std::path::Path) -> Option<String> {
+/// Why a probe produced no output.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("could not run it: {0}")]
+    Spawn(#[from] std::io::Error),
+    #[error("no answer within {} s", PROBE_TIMEOUT.as_secs())]
+    TimedOut,
+}
+
+/// Runs `PROGRAM ARGS...` the way agents are run (the child env allowlist, no stdin) and
+/// collects its output, giving up after `PROBE_TIMEOUT` (the child is killed then).
+pub async fn output_of(
+    config: &Config,
+    program: &std::path::Path,
+    args: &[&str],
+) -> Result<std::process::Output, ProbeError> {
     let mut cmd = Command::new(program);
-    cmd.arg("--version")
+    cmd.args(args)
         .env_clear()
         .envs(child_env(config))
         .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
         .kill_on_drop(true);
-    let out = tokio::time::timeout(PROBE_TIMEOUT, cmd.output())
+    tokio::time::timeout(PROBE_TIMEOUT, cmd.output())
         .await
-        .ok()?
-        .ok()?;
+        .map_err(|_| ProbeError::TimedOut)?
+        .map_err(ProbeError::Spawn)
+}
+
+/// `PROGRAM --version`, first line, trimmed; `None` when missing, failing or slow.
+pub async fn version_of(config: &Config, program: &std::path::Path) -> Option<String> {
+    let out = output_of(config, program, &["--version"]).await.ok()?;
     if !out.status.success() {
         return None;
     }

@@ -88,7 +88,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/tokens/{id}", delete(admin::revoke))
         .route("/admin/audit", get(admin::audit))
         .route("/run", post(runs::run))
-        .route("/sessions", get(sessions::list))
+        .route("/sessions", get(sessions::list).post(sessions::create))
+        .route("/sessions/{id}", get(sessions::get).delete(sessions::close))
+        .route("/sessions/{id}/turn", post(sessions::turn))
+        .route("/sessions/{id}/cancel", post(sessions::cancel))
         // Uploads are streamed to disk and count their own bytes against
         // CLAWDFORGE_MAX_UPLOAD_BYTES; the JSON body limit does not apply to them.
         .route(

@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -51,12 +51,23 @@ pub async fn run(
         let answer = runner::execute(prepared, None, CancellationToken::new()).await?;
         return Ok(ok(answer).into_response());
     }
+    Ok(stream_answer("claude", move |tx| {
+        runner::execute(prepared, Some(tx), CancellationToken::new())
+    }))
+}
+
+/// Answers as SSE: one `event: <event>` per JSON line `work` sends, then `event: result`
+/// carrying what the JSON answer would have been, or `event: error` with the error
+/// envelope.
+pub fn stream_answer<T, F, Fut>(event: &'static str, work: F) -> Response
+where
+    T: Serialize + Send + 'static,
+    F: FnOnce(mpsc::Sender<Value>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ApiResult<T>> + Send + 'static,
+{
     let (out_tx, out_rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
-        let result = stream_with(&out_tx, "claude", |tx| {
-            runner::execute(prepared, Some(tx), CancellationToken::new())
-        })
-        .await;
+        let result = stream_with(&out_tx, event, work).await;
         let last = match result {
             Ok(answer) => sse(
                 "result",
@@ -69,7 +80,7 @@ pub async fn run(
         };
         let _ = out_tx.send(last).await;
     });
-    Ok(sse_response(out_rx).into_response())
+    sse_response(out_rx).into_response()
 }
 
 /// Runs `work` with a sink of JSON lines, forwarding each as an SSE event named `event`.

@@ -52,11 +52,11 @@ pub struct RunAnswer {
     pub cost_usd: f64,
 }
 
-/// Closes an audit row as `abandoned` if the run is dropped before it finished (the client
-/// hung up and the handler future was dropped).
-struct AuditGuard {
+/// Closes an audit row as `abandoned` if the run (or turn) is dropped before it finished
+/// (the client hung up and the handler future was dropped).
+pub(crate) struct AuditGuard {
     state: Arc<AppState>,
-    id: i64,
+    pub(crate) id: i64,
     done: bool,
 }
 
@@ -65,11 +65,19 @@ const CLOSE_RETRY_EVERY: Duration = Duration::from_secs(1);
 const CLOSE_RETRIES: u32 = 300;
 
 impl AuditGuard {
+    pub(crate) fn new(state: Arc<AppState>, id: i64) -> AuditGuard {
+        AuditGuard {
+            state,
+            id,
+            done: false,
+        }
+    }
+
     /// Closes the row. The answer must not leave as if recorded when it was not (a full
     /// disk): then the error comes back for the caller to answer instead, and the row is
     /// closed in the background once the database takes writes again; should that not
     /// happen before a restart, start-up marks it abandoned.
-    async fn complete(&mut self, c: Completion) -> Result<(), ApiError> {
+    pub(crate) async fn complete(&mut self, c: Completion) -> Result<(), ApiError> {
         self.done = true;
         let id = self.id;
         let first = c.clone();
@@ -170,48 +178,118 @@ pub async fn prepare(
         }
     };
     let dir = DirGuard(dir);
-    let names = crate::files::stage_into(
-        &state.db,
-        &state.config.uploads_dir,
-        token_id,
-        &input.files,
-        &dir.0,
+    let (prompt_text, audit) = stage_and_audit(
+        state,
+        Start {
+            token_id,
+            kind: "run",
+            model: &input.model,
+            subject: &run_id,
+            prompt: &input.prompt,
+            files: &input.files,
+            dir: &dir.0,
+            warm: Some(warm.is_some()),
+        },
     )
     .await?;
-    let prompt_text = match crate::files::attachment_line(&names) {
-        Some(line) => format!("{}\n\n{line}", input.prompt),
-        None => input.prompt.clone(),
-    };
-    let entry = AuditEntry {
-        token_id: Some(token_id.to_string()),
-        kind: "run".into(),
-        model: Some(input.model.clone()),
-        prompt: state
-            .config
-            .settings
-            .audit_prompts
-            .then(|| input.prompt.clone()),
-        prompt_chars: Some(input.prompt.chars().count() as i64),
-        outcome: Some(Outcome::Running),
-        subject: Some(run_id.clone()),
-        warm: Some(warm.is_some()),
-        ..Default::default()
-    };
-    let audit_id = state.db.write(move |c| audit::insert(c, &entry)).await?;
     Ok(Prepared {
         state: state.clone(),
         run_id,
         input,
         prompt_text,
         dir,
-        audit: AuditGuard {
-            state: state.clone(),
-            id: audit_id,
-            done: false,
-        },
+        audit,
         warm,
         _slot: slot,
     })
+}
+
+/// What a run or turn records and stages before its agent starts.
+pub(crate) struct Start<'a> {
+    pub token_id: &'a str,
+    /// The audit kind: `run` or `turn`.
+    pub kind: &'a str,
+    pub model: &'a str,
+    /// The run or session id.
+    pub subject: &'a str,
+    pub prompt: &'a str,
+    pub files: &'a [String],
+    pub dir: &'a std::path::Path,
+    /// Whether a pre-started process serves it (runs only).
+    pub warm: Option<bool>,
+}
+
+/// Copies the attached files into the working dir, builds the text the agent gets (the
+/// prompt, then a line naming the attachments) and opens the audit row as `running`.
+pub(crate) async fn stage_and_audit(
+    state: &Arc<AppState>,
+    w: Start<'_>,
+) -> Result<(String, AuditGuard), ApiError> {
+    let names = crate::files::stage_into(
+        &state.db,
+        &state.config.uploads_dir,
+        w.token_id,
+        w.files,
+        w.dir,
+    )
+    .await?;
+    let prompt_text = match crate::files::attachment_line(&names) {
+        Some(line) => format!("{}\n\n{line}", w.prompt),
+        None => w.prompt.to_string(),
+    };
+    let entry = AuditEntry {
+        token_id: Some(w.token_id.to_string()),
+        kind: w.kind.into(),
+        model: Some(w.model.to_string()),
+        prompt: state
+            .config
+            .settings
+            .audit_prompts
+            .then(|| w.prompt.to_string()),
+        prompt_chars: Some(w.prompt.chars().count() as i64),
+        outcome: Some(Outcome::Running),
+        subject: Some(w.subject.to_string()),
+        warm: w.warm,
+        ..Default::default()
+    };
+    let audit_id = state.db.write(move |c| audit::insert(c, &entry)).await?;
+    Ok((prompt_text, AuditGuard::new(state.clone(), audit_id)))
+}
+
+/// Starts the agent and feeds it `prompt` on stdin, concurrently with the caller's
+/// reading, so a child that talks before it reads cannot deadlock against us. A failure
+/// to start closes the audit row.
+pub(crate) async fn spawn_with_prompt(
+    state: &AppState,
+    spec: Spec,
+    prompt: String,
+    audit: &mut AuditGuard,
+) -> Result<Proc, ApiError> {
+    let program = spec.program.display().to_string();
+    let mut proc = match Proc::spawn(spec, Some(&state.db)).await {
+        Ok(proc) => proc,
+        Err(e) => {
+            tracing::error!(error = %e, %program, "could not start the agent");
+            let err = ApiError::Upstream("the agent could not be started".into());
+            // The failure to start says more than a failure to record it.
+            let _ = audit
+                .complete(Completion {
+                    outcome: Some(Outcome::Error),
+                    detail: Some(err.code().into()),
+                    ..Default::default()
+                })
+                .await;
+            return Err(err);
+        }
+    };
+    if let Some(mut stdin) = proc.stdin.take() {
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(prompt.as_bytes()).await;
+            let _ = stdin.shutdown().await;
+        });
+    }
+    Ok(proc)
 }
 
 /// The argv after the program: prompt on stdin, never here. `--flag=value` keeps a value
@@ -283,35 +361,10 @@ pub async fn execute(
             }
             proc
         }
-        None => match Proc::spawn(spec, Some(&state.db)).await {
-            Ok(mut proc) => {
-                // Feed the prompt concurrently with reading, so a child that talks before
-                // it reads cannot deadlock against us.
-                if let Some(mut stdin) = proc.stdin.take() {
-                    let data = std::mem::take(&mut p.prompt_text).into_bytes();
-                    tokio::spawn(async move {
-                        use tokio::io::AsyncWriteExt;
-                        let _ = stdin.write_all(&data).await;
-                        let _ = stdin.shutdown().await;
-                    });
-                }
-                proc
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not start claude");
-                let err = ApiError::Upstream("the agent could not be started".into());
-                // The failure to start says more than a failure to record it.
-                let _ = p
-                    .audit
-                    .complete(Completion {
-                        outcome: Some(Outcome::Error),
-                        detail: Some(err.code().into()),
-                        ..Default::default()
-                    })
-                    .await;
-                return Err(err);
-            }
-        },
+        None => {
+            let prompt = std::mem::take(&mut p.prompt_text);
+            spawn_with_prompt(&state, spec, prompt, &mut p.audit).await?
+        }
     };
     let deadline = tokio::time::sleep(p.input.timeout);
     tokio::pin!(deadline);

@@ -105,7 +105,7 @@ pub fn usage_limit(text: &str, now_secs: i64) -> Option<ApiError> {
 /// Longest CLI message quoted in an error answer.
 const MESSAGE_MAX: usize = 2000;
 
-fn clip(s: &str) -> String {
+pub(crate) fn clip(s: &str) -> String {
     let s = s.trim();
     if s.len() <= MESSAGE_MAX {
         return s.to_string();

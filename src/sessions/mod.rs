@@ -1,4 +1,431 @@
 //! Multi-turn sessions through `acpx`: creating, turning, cancelling and closing them, and
-//! the rows that record them.
+//! the rows that record them. Each session has its own working dir under
+//! `ACPX_SESSIONS_CWD` and is an acpx named session (name = session id) in that dir.
+//!
+//! The [`SessionManager`] is the in-memory half: which sessions have something running
+//! (a turn, a close, a creation). A session takes one thing at a time — that is what makes
+//! a second turn `busy` — and a running turn can be told to stop from outside (cancel,
+//! close, token revocation).
 
+pub mod acpx;
+pub mod parse;
 pub mod store;
+mod turn;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::util::{new_id, now_ms};
+use acpx::Target;
+use store::SessionRecord;
+
+pub use turn::{execute_turn, prepare_turn, run_turn, PreparedTurn, TurnAnswer, TurnInput};
+
+/// Longest wait for `sessions ensure` (it starts the agent once to create the session).
+const ENSURE_LIMIT: Duration = Duration::from_secs(120);
+/// Longest wait for `sessions close`.
+const CLOSE_LIMIT: Duration = Duration::from_secs(30);
+/// How long a cancel or close waits for the running turn to wind down. A turn stops
+/// within a few seconds however it is stopped; this only bounds a wedged one.
+const STOP_WAIT: Duration = Duration::from_secs(20);
+
+/// Why a running turn is stopped from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopWhy {
+    /// `POST /sessions/{id}/cancel`: the turn answers 200 `stop_reason: "cancelled"`.
+    Cancel,
+    /// The session is being closed (DELETE, idle TTL, token revoked): 409 `session_closed`.
+    Close,
+}
+
+/// A request to stop, set at most once.
+#[derive(Clone, Default)]
+pub struct Stopper {
+    token: CancellationToken,
+    why: Arc<OnceLock<StopWhy>>,
+}
+
+impl Stopper {
+    pub fn stop(&self, why: StopWhy) {
+        let _ = self.why.set(why);
+        self.token.cancel();
+    }
+
+    /// Resolves once `stop` was called, with its reason.
+    pub async fn stopped(&self) -> StopWhy {
+        self.token.cancelled().await;
+        self.why.get().copied().unwrap_or(StopWhy::Cancel)
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.token.is_cancelled()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Creating,
+    Turn,
+    Closing,
+}
+
+#[derive(Clone)]
+struct Activity {
+    kind: Kind,
+    stop: Stopper,
+    done: watch::Receiver<bool>,
+}
+
+impl Activity {
+    /// Waits (bounded) until the activity's claim is released.
+    async fn finished(mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.done.wait_for(|d| *d)).await;
+    }
+}
+
+/// What runs in which session now.
+#[derive(Default, Clone)]
+pub struct SessionManager {
+    active: Arc<Mutex<HashMap<String, Activity>>>,
+}
+
+/// The right to act on a session alone; released (and waiters woken) on drop.
+pub struct Claim {
+    active: Arc<Mutex<HashMap<String, Activity>>>,
+    id: String,
+    done: watch::Sender<bool>,
+    pub stop: Stopper,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.active.lock() {
+            map.remove(&self.id);
+        }
+        let _ = self.done.send(true);
+    }
+}
+
+impl SessionManager {
+    fn claim(&self, id: &str, kind: Kind) -> Result<Claim, Activity> {
+        let mut map = self
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(a) = map.get(id) {
+            return Err(a.clone());
+        }
+        let (done, rx) = watch::channel(false);
+        let stop = Stopper::default();
+        map.insert(
+            id.to_string(),
+            Activity {
+                kind,
+                stop: stop.clone(),
+                done: rx,
+            },
+        );
+        Ok(Claim {
+            active: self.active.clone(),
+            id: id.to_string(),
+            done,
+            stop,
+        })
+    }
+
+    fn get(&self, id: &str) -> Option<Activity> {
+        self.active.lock().ok().and_then(|m| m.get(id).cloned())
+    }
+
+    /// Claims `id` for a turn: `busy` if a turn runs, `session_closed` while it closes.
+    pub fn claim_turn(&self, id: &str) -> Result<Claim, ApiError> {
+        self.claim(id, Kind::Turn).map_err(|a| match a.kind {
+            Kind::Closing => ApiError::SessionClosed,
+            Kind::Turn | Kind::Creating => ApiError::Busy,
+        })
+    }
+
+    /// Whether a turn is running in `id`.
+    pub fn busy(&self, id: &str) -> bool {
+        self.get(id).is_some_and(|a| a.kind == Kind::Turn)
+    }
+
+    /// Ids with anything running (turn, close, creation).
+    pub fn active_ids(&self) -> Vec<String> {
+        self.active
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Asks the running turn of `id` to cancel and waits for it to end; whether there
+    /// was one.
+    pub async fn cancel(&self, id: &str) -> bool {
+        match self.get(id) {
+            Some(a) if a.kind == Kind::Turn => {
+                a.stop.stop(StopWhy::Cancel);
+                a.finished(STOP_WAIT).await;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Claims `id` for closing, stopping a running turn (and waiting out another close).
+    async fn claim_close(&self, id: &str) -> Claim {
+        loop {
+            match self.claim(id, Kind::Closing) {
+                Ok(claim) => return claim,
+                Err(a) => {
+                    if a.kind == Kind::Turn {
+                        a.stop.stop(StopWhy::Close);
+                    }
+                    a.finished(STOP_WAIT).await;
+                }
+            }
+        }
+    }
+}
+
+/// A validated `POST /sessions`.
+#[derive(Debug, Clone)]
+pub struct CreateInput {
+    pub agent: String,
+    pub model: String,
+    pub system: Option<String>,
+}
+
+impl AppState {
+    fn home(&self) -> Option<PathBuf> {
+        acpx::children_home(&self.config)
+    }
+}
+
+fn target(s: &SessionRecord) -> Target {
+    Target {
+        agent: s.agent.clone(),
+        cwd: PathBuf::from(&s.cwd),
+        name: s.acpx_name.clone(),
+    }
+}
+
+/// Creates a session: its own working dir, `acpx sessions ensure` there (which starts the
+/// agent once, so it takes a slot), and its row.
+pub async fn create(
+    state: &AppState,
+    token_id: &str,
+    input: CreateInput,
+) -> Result<SessionRecord, ApiError> {
+    if !state.config.settings.agents.contains(&input.agent) {
+        return Err(ApiError::BadRequest(format!(
+            "agent must be one of: {}",
+            state.config.settings.agents.join(", ")
+        )));
+    }
+    let id = new_id("ses_");
+    // Held until the row exists, so the sweeper never takes the new dir for an orphan.
+    let _claim = state
+        .sessions
+        .claim(&id, Kind::Creating)
+        .map_err(|_| ApiError::internal("a new session id is already in use"))?;
+    let _slot = state.slots.acquire().await?;
+    let dir = state.config.sessions_dir.join(&id);
+    tokio::fs::create_dir_all(&dir).await?;
+    // acpx keys sessions by absolute cwd; a relative ACPX_SESSIONS_CWD must not leak in.
+    let cwd = tokio::fs::canonicalize(&dir).await?;
+    let t = Target {
+        agent: input.agent.clone(),
+        cwd: cwd.clone(),
+        name: id.clone(),
+    };
+    let ensured = acpx::control(
+        state,
+        &t,
+        t.ensure_args(&input.model, input.system.as_deref()),
+        ENSURE_LIMIT,
+    )
+    .await;
+    let record_id = match &ensured {
+        Ok(out) if out.code == Some(0) => out
+            .action("session_ensured")
+            .and_then(|v| v.get("acpxRecordId"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
+        _ => None,
+    };
+    let Some(record_id) = record_id else {
+        crate::process::remove_dir(&cwd);
+        let why = match ensured {
+            Ok(out) => out.error_message(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(error = %why, "acpx could not create a session");
+        return Err(ApiError::Upstream(format!(
+            "the agent could not start a session: {why}"
+        )));
+    };
+    let now = now_ms();
+    let record = SessionRecord {
+        session_id: id.clone(),
+        token_id: token_id.to_string(),
+        agent: input.agent,
+        model: input.model,
+        system_prompt: input.system,
+        acpx_name: id,
+        acpx_record_id: Some(record_id),
+        cwd: cwd.display().to_string(),
+        status: "open".into(),
+        created_at: now,
+        last_used_at: now,
+        closed_at: None,
+        turn_count: 0,
+        cost_total: 0.0,
+        busy: false,
+    };
+    let row = record.clone();
+    state.db.write(move |c| store::insert(c, &row)).await?;
+    Ok(record)
+}
+
+/// The caller's session (another token's is `not_found`, like a missing one), with `busy`.
+pub async fn get(state: &AppState, token_id: &str, id: &str) -> Result<SessionRecord, ApiError> {
+    let (token_id, id) = (token_id.to_string(), id.to_string());
+    let mut s = state
+        .db
+        .read(move |c| store::get_for(c, &token_id, &id))
+        .await?
+        .ok_or_else(|| ApiError::not_found("session"))?;
+    s.busy = state.sessions.busy(&s.session_id);
+    Ok(s)
+}
+
+/// The caller's sessions, newest first, with `busy`.
+pub async fn list(
+    state: &AppState,
+    token_id: &str,
+    status: Option<String>,
+) -> Result<Vec<SessionRecord>, ApiError> {
+    let token_id = token_id.to_string();
+    let mut sessions = state
+        .db
+        .read(move |c| store::list_for(c, &token_id, status.as_deref()))
+        .await?;
+    for s in &mut sessions {
+        s.busy = state.sessions.busy(&s.session_id);
+    }
+    Ok(sessions)
+}
+
+/// Cancels the caller's running turn; whether there was one.
+pub async fn cancel(state: &AppState, token_id: &str, id: &str) -> Result<bool, ApiError> {
+    let s = get(state, token_id, id).await?;
+    Ok(state.sessions.cancel(&s.session_id).await)
+}
+
+/// Soft-closes the caller's session (idempotent) and returns it as it is now.
+pub async fn close_for(
+    state: &AppState,
+    token_id: &str,
+    id: &str,
+) -> Result<SessionRecord, ApiError> {
+    let s = get(state, token_id, id).await?;
+    close(state, &s, "client").await?;
+    get(state, token_id, id).await
+}
+
+/// Soft close: stops a running turn, `acpx sessions close`, stops the queue owner and its
+/// agent if close left them, removes the working dir, marks the row closed. The row stays
+/// readable until the hard TTL.
+pub async fn close(state: &AppState, s: &SessionRecord, why: &str) -> Result<(), ApiError> {
+    let _claim = state.sessions.claim_close(&s.session_id).await;
+    let id = s.session_id.clone();
+    let current = state.db.read(move |c| store::get(c, &id)).await?;
+    if current.as_ref().is_none_or(|c| c.status != "open") {
+        return Ok(());
+    }
+    let t = target(s);
+    match acpx::control(state, &t, t.close_args(), CLOSE_LIMIT).await {
+        Ok(out) if out.code == Some(0) => {}
+        Ok(out) => {
+            tracing::warn!(session = %s.session_id, error = %out.error_message(), "acpx sessions close failed")
+        }
+        Err(e) => tracing::warn!(session = %s.session_id, error = %e, "acpx sessions close failed"),
+    }
+    if let (Some(home), Some(record_id)) = (state.home(), s.acpx_record_id.as_deref()) {
+        if acpx::stop_queue_owner(&home, record_id).await {
+            tracing::info!(session = %s.session_id, "stopped a queue owner that close left running");
+        }
+    }
+    crate::process::remove_dir(&t.cwd);
+    let id = s.session_id.clone();
+    state
+        .db
+        .write(move |c| store::mark_closed(c, &id, now_ms()))
+        .await?;
+    tracing::info!(session = %s.session_id, why, "session closed");
+    Ok(())
+}
+
+/// Closes every open session of a revoked token.
+pub async fn close_all_of(state: &AppState, token_id: &str) -> Result<usize, ApiError> {
+    let token_id = token_id.to_string();
+    let open = state
+        .db
+        .read(move |c| store::select_where(c, "token_id = ?1 AND status = 'open'", [token_id]))
+        .await?;
+    let closes = open.iter().map(|s| close(state, s, "token revoked"));
+    let results = futures_util::future::join_all(closes).await;
+    for r in &results {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not close a session of a revoked token");
+        }
+    }
+    Ok(open.len())
+}
+
+/// Start-up: the queue owners of this server's sessions live outside every process group
+/// it tracks. An owner whose session had a turn in flight when the previous process died
+/// (`in_flight`: session ids) may still be working on it — the next turn would queue behind
+/// it — and an owner of a closed session should not exist: both are stopped. An idle owner
+/// of an open session is left to serve the next turn warm (with the session as created:
+/// acpx resumes a restarted agent without its system prompt). Stale locks (owner dead, or
+/// its pid reused) are removed. Returns how many owners were stopped.
+pub async fn reconcile_owners(
+    db: &crate::store::Db,
+    config: &crate::Config,
+    in_flight: &std::collections::HashSet<String>,
+) -> Result<usize, crate::store::StoreError> {
+    let Some(home) = acpx::children_home(config) else {
+        return Ok(0);
+    };
+    let sessions = db
+        .read(|c| store::select_where(c, "acpx_record_id IS NOT NULL", []))
+        .await?;
+    let home = home.as_path();
+    let stops = sessions.iter().filter_map(|s| {
+        let record_id = s.acpx_record_id.as_deref()?;
+        let owner = acpx::queue_owner(home, record_id)?;
+        let unwanted = s.status != "open" || in_flight.contains(&s.session_id);
+        Some(async move {
+            if owner.is_running() && !unwanted {
+                return false;
+            }
+            // Stopping a dead owner only clears its lock.
+            acpx::stop_queue_owner(home, record_id).await && unwanted
+        })
+    });
+    // Together: each may wait out a grace period.
+    let stopped = futures_util::future::join_all(stops)
+        .await
+        .into_iter()
+        .filter(|stopped| *stopped)
+        .count();
+    Ok(stopped)
+}

@@ -28,12 +28,15 @@ pub struct SessionRecord {
     #[serde(serialize_with = "crate::util::ser_opt_rfc3339")]
     pub closed_at: Option<i64>,
     pub turn_count: i64,
+    /// The agent's cumulative cost as last reported (see `parse::TurnLog::cost`).
+    #[serde(skip)]
+    pub cost_total: f64,
     /// Whether a turn is running now (filled from memory, not stored).
     pub busy: bool,
 }
 
 const COLUMNS: &str = "id, token_id, agent, model, system_prompt, acpx_name, acpx_record_id, cwd,
-                       status, created_at, last_used_at, closed_at, turn_count";
+                       status, created_at, last_used_at, closed_at, turn_count, cost_total";
 
 fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
     Ok(SessionRecord {
@@ -50,17 +53,18 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         last_used_at: r.get(10)?,
         closed_at: r.get(11)?,
         turn_count: r.get(12)?,
+        cost_total: r.get(13)?,
         busy: false,
     })
 }
 
 pub fn insert(conn: &Connection, s: &SessionRecord) -> rusqlite::Result<()> {
     conn.execute(
-        &format!("INSERT INTO sessions ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+        &format!("INSERT INTO sessions ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
         params![
             s.session_id, s.token_id, s.agent, s.model, s.system_prompt, s.acpx_name,
             s.acpx_record_id, s.cwd, s.status, s.created_at, s.last_used_at, s.closed_at,
-            s.turn_count
+            s.turn_count, s.cost_total
         ],
     )?;
     Ok(())
@@ -111,5 +115,51 @@ pub fn select_where(
 ) -> rusqlite::Result<Vec<SessionRecord>> {
     let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM sessions WHERE {condition}"))?;
     let rows = stmt.query_map(args, from_row)?;
+    rows.collect()
+}
+
+/// Counts a turn as started (and as use, for the idle TTL); returns its index, or `None`
+/// if the session is no longer open.
+pub fn begin_turn(conn: &Connection, id: &str, now: i64) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        "UPDATE sessions SET turn_count = turn_count + 1, last_used_at = ?2
+         WHERE id = ?1 AND status = 'open' RETURNING turn_count",
+        params![id, now],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Records the end of a turn: its time (a long turn is use until it ends) and the agent's
+/// cumulative cost.
+pub fn end_turn(conn: &Connection, id: &str, now: i64, cost_total: f64) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE sessions SET last_used_at = max(last_used_at, ?2), cost_total = ?3 WHERE id = ?1",
+        params![id, now, cost_total],
+    )?;
+    Ok(())
+}
+
+pub fn mark_closed(conn: &Connection, id: &str, now: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE sessions SET status = 'closed', closed_at = ?2 WHERE id = ?1 AND status = 'open'",
+        params![id, now],
+    )?;
+    Ok(())
+}
+
+pub fn delete(conn: &Connection, id: &str) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+/// The sessions whose turns are still `running` in the audit log: at start-up, those that
+/// were in flight when the previous process died.
+pub fn turns_in_flight(conn: &Connection) -> rusqlite::Result<std::collections::HashSet<String>> {
+    let mut stmt = conn.prepare(
+        "SELECT DISTINCT subject FROM audit
+         WHERE kind = 'turn' AND outcome = 'running' AND subject IS NOT NULL",
+    )?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
     rows.collect()
 }

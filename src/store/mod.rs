@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_audit_warm.sql"),
+    include_str!("migrations/0003_sessions.sql"),
 ];
 
 /// How long a connection waits for a lock held by another connection (or process, such as

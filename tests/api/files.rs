@@ -88,7 +88,7 @@ async fn post_files(s: &TestServer, token: &str, parts: &[Part<'_>]) -> (u16, Va
 }
 
 /// Uploads `data` as `filename`; asserts 201 and returns the file token.
-async fn upload(s: &TestServer, token: &str, filename: &str, data: &[u8]) -> String {
+pub async fn upload(s: &TestServer, token: &str, filename: &str, data: &[u8]) -> String {
     let (st, v) = post_files(s, token, &[file_part(filename, data)]).await;
     assert_eq!(st, 201, "{v}");
     v["file_token"].as_str().unwrap().to_string()

@@ -153,6 +153,18 @@ impl TestServer {
         self.req(method, path).bearer_auth(token)
     }
 
+    /// `POST path` with a JSON body as an app: status and body.
+    pub async fn post_json(&self, token: &str, path: &str, b: &Value) -> (u16, Value) {
+        body(
+            self.app(token, Method::POST, path)
+                .json(b)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
     /// Mints an app token through the admin API: (id, plaintext).
     pub async fn mint(&self, name: &str) -> (String, String) {
         self.mint_with(json!({ "name": name })).await

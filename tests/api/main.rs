@@ -12,6 +12,10 @@ mod foundation;
 #[allow(dead_code)]
 mod harness;
 mod netns;
+mod ops;
+mod readme;
 mod real;
 mod runs;
+mod sessions;
+mod sessions_real;
 mod warm;

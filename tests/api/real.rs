@@ -15,17 +15,26 @@ pub async fn real_server(
     fake: &FakeUpstream,
     tweak: impl FnOnce(&mut clawdforge::Config),
 ) -> TestServer {
-    let claude = real_bin("claude");
-    assert!(
-        claude.exists(),
-        "{} missing: run scripts/install-agents.sh",
-        claude.display()
-    );
     let dir = Arc::new(
         tempfile::Builder::new()
             .prefix("cf-real-")
             .tempdir()
             .unwrap(),
+    );
+    real_server_in(fake, dir, tweak).await
+}
+
+/// The same on an existing dir (for restart tests): same data, `HOME` and Claude config.
+pub async fn real_server_in(
+    fake: &FakeUpstream,
+    dir: Arc<tempfile::TempDir>,
+    tweak: impl FnOnce(&mut clawdforge::Config),
+) -> TestServer {
+    let claude = real_bin("claude");
+    assert!(
+        claude.exists(),
+        "{} missing: run scripts/install-agents.sh",
+        claude.display()
     );
     let config_dir = dir.path().join("claude-config");
     std::fs::create_dir_all(&config_dir).unwrap();

@@ -267,7 +267,11 @@ async fn client_hangup_kills_the_run_and_removes_its_dir() {
         .send();
     let pending = tokio::spawn(req);
     let record_dir = s.record_dir.clone();
-    eventually("stub started", || !records(&record_dir).is_empty()).await;
+    // The stub writes its record before it starts the grandchild: wait for both.
+    eventually("stub started its grandchild", || {
+        !grandchildren(&record_dir).is_empty()
+    })
+    .await;
     let pid = records(&s.record_dir)[0]["pid"].as_i64().unwrap() as i32;
     assert!(!dir_gone(&records(&s.record_dir)[0]));
     pending.abort();

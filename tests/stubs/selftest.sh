@@ -136,6 +136,11 @@ if [[ $(grep -c '^claude --version$' "$work/count/invocations.log") == 2 ]] &&
   pass "CLAUDE_STUB_COUNT_DIR logs one line per invocation"
 else fail "CLAUDE_STUB_COUNT_DIR logs one line per invocation"; fi
 
+rc=0; printf 'any prompt' | CLAUDE_STUB_RESULT='["basil","sage"]' "$claude" -p --output-format json \
+  >"$out" 2>"$err" || rc=$?
+expect "CLAUDE_STUB_RESULT: the result for a prompt without directives" \
+  'rc == 0 and last["result"] == "[\"basil\",\"sage\"]"'
+
 cl '' auth status
 expect "auth status: logged in" 'rc == 0 and last["loggedIn"] is True'
 rc=0; CLAUDE_STUB_LOGGED_OUT=1 "$claude" auth status >"$out" 2>"$err" || rc=$?

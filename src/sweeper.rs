@@ -1,0 +1,244 @@
+//! The sweeper: every `CLAWDFORGE_SWEEP_INTERVAL_SECS` (on a `tokio-cron-scheduler` job)
+//! and once at start-up, it soft-closes sessions idle past `CLAWDFORGE_SESSION_TTL_SECS`
+//! (and those of tokens revoked offline), deletes sessions closed past
+//! `CLAWDFORGE_SESSION_HARD_TTL_SECS` with their acpx records, deletes expired uploads,
+//! removes run and session dirs that nothing owns, and trims the audit log past
+//! `CLAWDFORGE_AUDIT_RETENTION_DAYS`. [`sweep_once`] is one pass, callable from tests.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio_cron_scheduler::{Job, JobScheduler};
+
+use crate::app::AppState;
+use crate::sessions::{self, store};
+use crate::store::StoreError;
+use crate::util::now_ms;
+
+/// A run makes its dir just before its process is registered in `live_processes`; a dir
+/// younger than this may be one in that window.
+const RUN_DIR_GRACE: Duration = Duration::from_secs(600);
+/// Idle sessions closed at once (each close runs acpx).
+const CLOSE_PARALLEL: usize = 4;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct SweepReport {
+    pub sessions_closed: usize,
+    pub sessions_deleted: usize,
+    pub uploads_deleted: usize,
+    pub run_dirs_removed: usize,
+    pub session_dirs_removed: usize,
+    pub audit_rows_deleted: usize,
+}
+
+/// One pass. Passes never overlap (a slow one delays the next); a step that fails is
+/// logged and the others still run.
+pub async fn sweep_once(state: &AppState) -> SweepReport {
+    let _one_at_a_time = state.sweeping.lock().await;
+    let now = now_ms();
+    let settings = &state.config.settings;
+    let secs = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let report = SweepReport {
+        sessions_closed: counted(
+            "closing idle sessions",
+            close_idle(state, now.saturating_sub(secs(settings.session_ttl_secs))).await,
+        ),
+        sessions_deleted: counted(
+            "deleting closed sessions",
+            delete_closed(
+                state,
+                now.saturating_sub(secs(settings.session_hard_ttl_secs)),
+            )
+            .await,
+        ),
+        uploads_deleted: counted(
+            "deleting expired uploads",
+            crate::files::delete_expired(&state.db, &state.config.uploads_dir, now).await,
+        ),
+        run_dirs_removed: counted(
+            "removing orphaned run dirs",
+            remove_orphan_run_dirs(state).await,
+        ),
+        session_dirs_removed: counted(
+            "removing orphaned session dirs",
+            remove_orphan_session_dirs(state).await,
+        ),
+        audit_rows_deleted: counted("trimming the audit log", {
+            let cutoff =
+                now.saturating_sub(secs(u64::from(settings.audit_retention_days) * 86_400));
+            state
+                .db
+                .write(move |c| crate::audit::trim_before(c, cutoff))
+                .await
+        }),
+    };
+    if report == SweepReport::default() {
+        tracing::debug!("sweep: nothing to do");
+    } else {
+        tracing::info!(
+            sessions_closed = report.sessions_closed,
+            sessions_deleted = report.sessions_deleted,
+            uploads_deleted = report.uploads_deleted,
+            run_dirs_removed = report.run_dirs_removed,
+            session_dirs_removed = report.session_dirs_removed,
+            audit_rows_deleted = report.audit_rows_deleted,
+            "sweep"
+        );
+    }
+    report
+}
+
+fn counted(step: &str, r: Result<usize, impl std::fmt::Display>) -> usize {
+    r.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "sweep: {step} failed");
+        0
+    })
+}
+
+/// Open sessions whose last turn ended before `cutoff` and that run none now, and those
+/// of tokens revoked behind the server's back (`clawdforge tokens revoke` works on the
+/// database directly).
+async fn close_idle(state: &AppState, cutoff: i64) -> Result<usize, StoreError> {
+    let idle = state
+        .db
+        .read(move |c| {
+            store::select_where(
+                c,
+                "status = 'open' AND (last_used_at < ?1
+                   OR token_id IN (SELECT id FROM tokens WHERE revoked_at IS NOT NULL))",
+                [cutoff],
+            )
+        })
+        .await?;
+    let closes = idle
+        .into_iter()
+        .filter(|s| !state.sessions.busy(&s.session_id))
+        .map(|s| async move { sessions::close(state, &s, "idle").await.is_ok() });
+    let closed = futures_util::stream::iter(closes)
+        .buffer_unordered(CLOSE_PARALLEL)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await;
+    Ok(closed)
+}
+
+/// Sessions closed before `cutoff`: their row, acpx's record and Claude Code's transcript.
+async fn delete_closed(state: &AppState, cutoff: i64) -> Result<usize, StoreError> {
+    let old = state
+        .db
+        .read(move |c| store::select_where(c, "status = 'closed' AND closed_at < ?1", [cutoff]))
+        .await?;
+    for s in &old {
+        let cwd = Path::new(&s.cwd);
+        sessions::acpx::delete_records(&state.config, s.acpx_record_id.as_deref(), cwd);
+        crate::process::remove_dir(cwd);
+        let id = s.session_id.clone();
+        state.db.write(move |c| store::delete(c, &id)).await?;
+    }
+    Ok(old.len())
+}
+
+fn dir_names(dir: &Path) -> std::io::Result<Vec<(String, std::fs::Metadata)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        if let Ok(meta) = entry.metadata() {
+            if meta.is_dir() {
+                out.push((entry.file_name().to_string_lossy().into_owned(), meta));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Run dirs no live process owns, older than the grace period.
+async fn remove_orphan_run_dirs(state: &AppState) -> Result<usize, StoreError> {
+    let runs_dir = state.config.runs_dir.clone();
+    let live: HashSet<String> = state
+        .db
+        .read(|c| {
+            let mut stmt = c.prepare("SELECT dir FROM live_processes WHERE dir IS NOT NULL")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await?;
+    let mut removed = 0;
+    for (name, meta) in dir_names(&runs_dir)? {
+        let path = runs_dir.join(&name);
+        let young = meta
+            .modified()
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_none_or(|age| age < RUN_DIR_GRACE);
+        if young || live.contains(&path.display().to_string()) {
+            continue;
+        }
+        if crate::process::remove_dir(&path) {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Session dirs with no open session and nothing (creation, turn, close) running in them.
+/// The dirs are listed first, then the running work, then the open rows: a session being
+/// created holds its claim from before its dir exists until after its row does, so it is
+/// always seen in one of the two.
+async fn remove_orphan_session_dirs(state: &AppState) -> Result<usize, StoreError> {
+    let sessions_dir = state.config.sessions_dir.clone();
+    let names = dir_names(&sessions_dir)?;
+    let active: HashSet<String> = state.sessions.active_ids().into_iter().collect();
+    let open: HashSet<String> = state
+        .db
+        .read(|c| {
+            let mut stmt = c.prepare("SELECT id FROM sessions WHERE status = 'open'")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await?;
+    let mut removed = 0;
+    for (name, _) in names {
+        if active.contains(&name) || open.contains(&name) {
+            continue;
+        }
+        if crate::process::remove_dir(&sessions_dir.join(&name)) {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// The scheduled sweeper; [`Sweeper::stop`] ends it.
+pub struct Sweeper {
+    sched: JobScheduler,
+}
+
+impl Sweeper {
+    /// Starts the periodic job (the first run comes one interval after start-up, which
+    /// runs its own pass).
+    pub async fn start(state: Arc<AppState>) -> anyhow::Result<Sweeper> {
+        let every = Duration::from_secs(state.config.settings.sweep_interval_secs);
+        let sched = JobScheduler::new().await?;
+        let job = Job::new_repeated_async(every, move |_id, _sched| {
+            let state = state.clone();
+            Box::pin(async move {
+                if !state.shutdown.is_cancelled() {
+                    sweep_once(&state).await;
+                }
+            })
+        })?;
+        sched.add(job).await?;
+        sched.start().await?;
+        Ok(Sweeper { sched })
+    }
+
+    pub async fn stop(mut self) {
+        if let Err(e) = self.sched.shutdown().await {
+            tracing::warn!(error = %e, "could not stop the sweeper");
+        }
+    }
+}
