@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzing (not a test): runs each cargo-fuzz target in fuzz/ (the CLI result parser, the
-# filename sanitiser, the bearer shape check, the client address behind proxies) for a
-# bounded time and exits non-zero if any of them crashed. A crashing input is left in
+# ACP line parser, the filename sanitiser, the bearer shape check, the client address
+# behind proxies) for a bounded time and exits non-zero if any of them crashed. A crashing input is left in
 # fuzz/artifacts/TARGET/; keep it as a regression case (see README, "Proof").
 #
 #   scripts/fuzz.sh                      # every target, FUZZ_SECS (default 60) each
