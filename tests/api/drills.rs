@@ -1,5 +1,5 @@
-//! Fault drills. The real binary is SIGKILLed at random points of runs and uploads and
-//! restarted on the same data dir, again and again; and a data dir lives on a tiny tmpfs
+//! Fault drills. The real binary is SIGKILLed at random points of runs, uploads, session
+//! creations and turns and restarted on the same data dir, again and again; and a data dir lives on a tiny tmpfs
 //! that fills up. After each restart (and once the disk has room again) what the contract
 //! promises must still hold: the database is sound, every 2xx answer has its audit row,
 //! and nothing is left behind (processes, run dirs, temp uploads, bytes without a row).
@@ -53,11 +53,21 @@ enum Promise {
         size: u64,
         sha256: String,
     },
+    Session(String),
+    Turn {
+        session_id: String,
+        turn_index: i64,
+    },
 }
 
 async fn post_run(client: Client, url: String, token: String, body: Value) -> Ended {
+    post_prompt(client, format!("{url}/run"), token, body).await
+}
+
+/// A run or a turn at `url`, JSON or streamed.
+async fn post_prompt(client: Client, url: String, token: String, body: Value) -> Ended {
     let res = match client
-        .post(format!("{url}/run"))
+        .post(url)
         .bearer_auth(&token)
         .json(&body)
         .send()
@@ -92,6 +102,21 @@ async fn post_run(client: Client, url: String, token: String, body: Value) -> En
     match serde_json::from_str(&text) {
         Ok(v) => Ended::Answered(status, v),
         Err(_) => Ended::Cut,
+    }
+}
+
+async fn post_session(client: Client, url: String, token: String) -> Ended {
+    let res = client
+        .post(format!("{url}/sessions"))
+        .bearer_auth(&token)
+        .json(&json!({}))
+        .send()
+        .await;
+    let Ok(res) = res else { return Ended::Cut };
+    let status = res.status().as_u16();
+    match res.text().await.map(|t| serde_json::from_str(&t)) {
+        Ok(Ok(v)) => Ended::Answered(status, v),
+        _ => Ended::Cut,
     }
 }
 
@@ -217,6 +242,20 @@ fn assert_uploads_match_rows(data: &Path, db: &rusqlite::Connection, when: &str)
     assert_eq!(on_disk, rows, "{when}: upload bytes vs file rows");
 }
 
+/// A session dir exactly for each open session (closed ones have theirs removed).
+fn assert_session_dirs_match_rows(data: &Path, db: &rusqlite::Connection, when: &str) {
+    let dirs: HashSet<String> = names_in(&data.join("acpx-cwds")).into_iter().collect();
+    let mut stmt = db
+        .prepare("SELECT id FROM sessions WHERE status = 'open'")
+        .unwrap();
+    let open: HashSet<String> = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(dirs, open, "{when}: session dirs vs open sessions");
+}
+
 /// Everything a start-up after a crash must have put right, and every promise so far.
 async fn assert_sound_after_restart(
     when: &str,
@@ -253,6 +292,7 @@ async fn assert_sound_after_restart(
         "{when}: live_processes rows"
     );
     assert_uploads_match_rows(data, &db, when);
+    assert_session_dirs_match_rows(data, &db, when);
     for p in promises {
         match p {
             Promise::Run(run_id) => {
@@ -290,20 +330,88 @@ async fn assert_sound_after_restart(
                 assert_eq!(meta.len(), *size, "{when}: size of {file_token}");
                 assert_eq!(&sha256_of(&path), sha256, "{when}: sha256 of {file_token}");
             }
+            Promise::Session(id) => {
+                let status: Option<String> = db
+                    .query_row("SELECT status FROM sessions WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })
+                    .ok();
+                assert_eq!(status.as_deref(), Some("open"), "{when}: session {id}");
+            }
+            Promise::Turn {
+                session_id,
+                turn_index,
+            } => {
+                // Each turn answered in this session has its own ok row.
+                let answered = promises
+                    .iter()
+                    .filter(|p| matches!(p, Promise::Turn { session_id: s, .. } if s == session_id))
+                    .count() as i64;
+                let ok_rows = count(
+                    &db,
+                    &format!(
+                        "SELECT count(*) FROM audit WHERE kind = 'turn' AND outcome = 'ok' \
+                         AND subject = '{session_id}'"
+                    ),
+                );
+                assert!(
+                    ok_rows >= answered,
+                    "{when}: {answered} turns of {session_id} answered, {ok_rows} ok rows"
+                );
+                let turns = count(
+                    &db,
+                    &format!("SELECT turn_count FROM sessions WHERE id = '{session_id}'"),
+                );
+                assert!(turns >= *turn_index, "{when}: turn_count of {session_id}");
+            }
         }
     }
 }
 
 /// One batch: concurrent runs (short stub sleeps; some streamed, some with a grandchild,
-/// some with an attachment) and uploads (small ones, and a large one sent slowly).
+/// some with an attachment), uploads (small ones, and a large one sent slowly), maybe a
+/// session creation, and a turn in each of up to three sessions created before.
 fn launch_batch(
     rng: &mut StdRng,
     client: &Client,
     url: &str,
     token: &str,
-    attachable: &[String],
+    promised: &[Promise],
 ) -> Vec<(&'static str, tokio::task::JoinHandle<Ended>)> {
+    let attachable: Vec<&String> = promised
+        .iter()
+        .filter_map(|p| match p {
+            Promise::Upload { file_token, .. } => Some(file_token),
+            _ => None,
+        })
+        .collect();
+    let sessions: Vec<&String> = promised
+        .iter()
+        .filter_map(|p| match p {
+            Promise::Session(id) => Some(id),
+            _ => None,
+        })
+        .collect();
     let mut tasks = Vec::new();
+    if sessions.len() < 2 || rng.random_bool(0.3) {
+        let fut = post_session(client.clone(), url.to_string(), token.to_string());
+        tasks.push(("session", tokio::spawn(fut)));
+    }
+    // One turn per session at most: a second would be 409 busy.
+    let first = sessions.len().saturating_sub(rng.random_range(1..=3));
+    for id in &sessions[first..] {
+        let mut body = json!({ "prompt": format!("@stub:sleep=0.0{}", rng.random_range(0..=5)) });
+        if rng.random_bool(0.3) {
+            body["stream"] = json!(true);
+        }
+        let fut = post_prompt(
+            client.clone(),
+            format!("{url}/sessions/{id}/turn"),
+            token.to_string(),
+            body,
+        );
+        tasks.push(("turn", tokio::spawn(fut)));
+    }
     for _ in 0..rng.random_range(3..=6) {
         let mut prompt = format!("@stub:sleep=0.{}", rng.random_range(0..=3));
         if rng.random_bool(0.3) {
@@ -314,7 +422,7 @@ fn launch_batch(
             body["stream"] = json!(true);
         }
         if !attachable.is_empty() && rng.random_bool(0.3) {
-            let ft = &attachable[rng.random_range(0..attachable.len())];
+            let ft = attachable[rng.random_range(0..attachable.len())];
             body["files"] = json!([ft]);
         }
         let fut = post_run(client.clone(), url.to_string(), token.to_string(), body);
@@ -373,6 +481,7 @@ async fn sigkill_at_random_points_leaves_a_sound_state_after_each_restart() {
     let mut token = String::new();
     let mut promises: Vec<Promise> = Vec::new();
     let (mut answered, mut cut, mut cut_uploads, mut temp_left, mut dirs_left) = (0, 0, 0, 0, 0);
+    let (mut turns_answered, mut turns_cut) = (0, 0);
     for round in 0..=KILLS {
         let mut served = serve(&data, &extra);
         let server = served.child.id();
@@ -406,14 +515,7 @@ async fn sigkill_at_random_points_leaves_a_sound_state_after_each_restart() {
             break;
         }
 
-        let attachable: Vec<String> = promises
-            .iter()
-            .filter_map(|p| match p {
-                Promise::Upload { file_token, .. } => Some(file_token.clone()),
-                Promise::Run(_) => None,
-            })
-            .collect();
-        let tasks = launch_batch(&mut rng, &client, &served.url, &token, &attachable);
+        let tasks = launch_batch(&mut rng, &client, &served.url, &token, &promises);
         let delay = rng.random_range(0..=MAX_KILL_DELAY_MS);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         served.child.kill().unwrap();
@@ -423,8 +525,10 @@ async fn sigkill_at_random_points_leaves_a_sound_state_after_each_restart() {
             match task.await.unwrap() {
                 Ended::Cut => {
                     cut += 1;
-                    if kind == "upload" {
-                        cut_uploads += 1;
+                    match kind {
+                        "upload" => cut_uploads += 1,
+                        "turn" => turns_cut += 1,
+                        _ => {}
                     }
                 }
                 Ended::Answered(status, v) => {
@@ -433,8 +537,15 @@ async fn sigkill_at_random_points_leaves_a_sound_state_after_each_restart() {
                         "round {round}: {kind} answered {status}: {v}"
                     );
                     answered += 1;
+                    turns_answered += usize::from(kind == "turn");
+                    let text = |k: &str| v[k].as_str().unwrap().to_string();
                     promises.push(match kind {
-                        "run" => Promise::Run(v["run_id"].as_str().unwrap().to_string()),
+                        "run" => Promise::Run(text("run_id")),
+                        "session" => Promise::Session(text("session_id")),
+                        "turn" => Promise::Turn {
+                            session_id: text("session_id"),
+                            turn_index: v["turn_index"].as_i64().unwrap(),
+                        },
                         _ => Promise::Upload {
                             file_token: v["file_token"].as_str().unwrap().to_string(),
                             size: v["size"].as_u64().unwrap(),
@@ -458,9 +569,14 @@ async fn sigkill_at_random_points_leaves_a_sound_state_after_each_restart() {
         &db,
         "SELECT count(*) FROM audit WHERE kind = 'run' AND outcome = 'abandoned'",
     );
+    let turns_abandoned = count(
+        &db,
+        "SELECT count(*) FROM audit WHERE kind = 'turn' AND outcome = 'abandoned'",
+    );
     eprintln!(
-        "drill: {KILLS} kills in {:.1} s; {answered} answered 2xx, {cut} cut ({cut_uploads} \
-         uploads); {abandoned} runs abandoned; left for start-up: {temp_left} temp uploads, \
+        "drill: {KILLS} kills in {:.1} s; {answered} answered 2xx ({turns_answered} turns), \
+         {cut} cut ({cut_uploads} uploads, {turns_cut} turns); {abandoned} runs and \
+         {turns_abandoned} turns abandoned; left for start-up: {temp_left} temp uploads, \
          {dirs_left} run dirs",
         started.elapsed().as_secs_f64()
     );
@@ -468,6 +584,10 @@ async fn sigkill_at_random_points_leaves_a_sound_state_after_each_restart() {
     assert!(answered > 0, "no request was answered before its kill");
     assert!(cut > 0 && cut_uploads > 0, "no request was cut by a kill");
     assert!(abandoned > 0, "no run was killed mid-flight");
+    assert!(
+        turns_answered > 0 && turns_cut > 0,
+        "turns were not both answered and cut"
+    );
 }
 
 /// A tmpfs mounted for one test; unmounted on drop (lazily, should anything still hold it).
@@ -522,10 +642,11 @@ fn fill_disk(path: &Path) -> u64 {
 }
 
 /// Nothing half-written: no temp upload, no bytes without a row (or row without bytes), no
-/// run dir, no audit row left running.
+/// run dir, no session dir without an open session, no audit row left running.
 fn assert_nothing_half_written(data: &Path, when: &str) {
     let db = open_db(data);
     assert_uploads_match_rows(data, &db, when);
+    assert_session_dirs_match_rows(data, &db, when);
     let runs = names_in(&data.join("runs"));
     assert!(runs.is_empty(), "{when}: run dirs left: {runs:?}");
     assert_eq!(
@@ -569,7 +690,7 @@ async fn a_full_disk_answers_507_leaves_nothing_half_written_and_recovers() {
     };
     let run = |body: Value| post_run(client.clone(), url.clone(), token.clone(), body);
 
-    // Room enough: an upload to attach later, and a run.
+    // Room enough: an upload to attach later, a run, a session.
     let Ended::Answered(201, up) = upload((2, 4096)).await else {
         panic!("upload before the disk filled up")
     };
@@ -578,6 +699,19 @@ async fn a_full_disk_answers_507_leaves_nothing_half_written_and_recovers() {
         run(json!({"prompt": "before"})).await,
         Ended::Answered(200, _)
     ));
+    let session = || post_session(client.clone(), url.clone(), token.clone());
+    let Ended::Answered(201, created) = session().await else {
+        panic!("a session before the disk filled up")
+    };
+    let sid = created["session_id"].as_str().unwrap().to_string();
+    let turn = |prompt: &str| {
+        post_prompt(
+            client.clone(),
+            format!("{url}/sessions/{sid}/turn"),
+            token.clone(),
+            json!({ "prompt": prompt }),
+        )
+    };
 
     // SQLite lives on the same tmpfs, so the disk fills only now the server runs.
     let filler = data.join("filler");
@@ -601,6 +735,13 @@ async fn a_full_disk_answers_507_leaves_nothing_half_written_and_recovers() {
     let staged = run(json!({"prompt": "with a file", "files": [attached]})).await;
     assert_full_disk_answer(&staged, "a run whose attachment cannot be staged");
     assert_nothing_half_written(&data, "after a run that could not stage its file");
+
+    let refused = session().await;
+    assert_full_disk_answer(&refused, "a session on a full disk");
+    assert_nothing_half_written(&data, "after a session on a full disk");
+    let turned = turn("on a full disk").await;
+    assert_full_disk_answer(&turned, "a turn on a full disk");
+    assert_nothing_half_written(&data, "after a turn on a full disk");
 
     let bare = run(json!({"prompt": "no file"})).await;
     eprintln!("disk drill: a run without files on a full disk: {bare:?}");
@@ -676,6 +817,11 @@ async fn a_full_disk_answers_507_leaves_nothing_half_written_and_recovers() {
         ("error", "insufficient_storage")
     );
     assert!(cost > 0.0, "the work done is still accounted for");
+    let again = turn("after").await;
+    assert!(
+        matches!(&again, Ended::Answered(200, v) if v["turn_index"].as_i64().is_some()),
+        "{again:?}"
+    );
     assert_nothing_half_written(&data, "after space was freed");
     assert_eq!(integrity(&open_db(&data)), "ok");
     s.stop().await;
