@@ -13,7 +13,8 @@
 #
 # Settings: SOAK_SECS (600), SOAK_SAMPLE_SECS (60), CLAWDFORGE_MAX_CONCURRENT (4),
 # SOAK_PAUSE (0.05 s between one client's requests), SOAK_MAX_RSS_GROWTH_MB (16),
-# SOAK_MAX_FD_GROWTH (16). Needs cargo, curl, python3.
+# SOAK_MAX_FD_GROWTH (16), SOAK_ONLY (run|stream|upload|get|unauthorized|session|admin:
+# one kind of traffic, to find which one grows something). Needs cargo, curl, python3.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -111,6 +112,10 @@ client() {
   local json=(-H "@$work/auth" -H 'Content-Type: application/json')
   while [ "$(date +%s)" -lt "$end" ]; do
     r=$((RANDOM % 100))
+    case "${SOAK_ONLY:-}" in
+      run) r=0 ;; stream) r=35 ;; upload) r=40 ;; get) r=55 ;; unauthorized) r=70 ;;
+      session) r=80 ;; admin) r=80; sessions=0 ;;
+    esac
     if [ "$r" -lt 35 ]; then
       echo "run $(code "${json[@]}" -d "{\"prompt\":\"@stub:sleep=0.$((RANDOM % 5))\"}" \
         "$base/run")"
@@ -198,9 +203,13 @@ queue_depth() {
     curl -s -H "@$work/admin" "$base/metrics" | awk '!/^#/ && /queue/ {print $2; exit}'
   fi
 }
+db_mb() {
+  du -cm "$CLAWDFORGE_DATA_DIR"/clawdforge.db* | awk 'END {print $1}'
+}
 requests() { cat "$work"/client-*.log 2>/dev/null | wc -l; }
 
-printf '| minute | rss MB | fds | children (zombies) | queue | requests |\n|---|---|---|---|---|---|\n'
+printf '| minute | rss MB | fds | children (zombies) | queue | requests | db MB |\n'
+printf '|---|---|---|---|---|---|---|\n'
 loaded=()
 sample() {
   local rss fd kids queue
@@ -208,8 +217,8 @@ sample() {
   fd="$(fds)"
   kids="$(descendants)"
   queue="$(queue_depth || true)"
-  printf '| %s | %s | %s | %s (%s) | %s | %s |\n' "$1" "$((rss / 1024))" "$fd" \
-    "${kids% *}" "${kids#* }" "${queue:--}" "$(requests)"
+  printf '| %s | %s | %s | %s (%s) | %s | %s | %s |\n' "$1" "$((rss / 1024))" "$fd" \
+    "${kids% *}" "${kids#* }" "${queue:--}" "$(requests)" "$(db_mb)"
   last="$rss $fd"
 }
 sample "start, idle"
