@@ -11,6 +11,10 @@
 #   scripts/soak.sh                          # ten minutes
 #   SOAK_SECS=180 scripts/soak.sh            # three
 #
+# Closed sessions are deleted 60 s after closing and the sweeper runs every 15 s
+# (CLAWDFORGE_SESSION_HARD_TTL_SECS, CLAWDFORGE_SWEEP_INTERVAL_SECS), uploads live 60 s:
+# what the server holds reaches a steady state instead of growing with the soak's length.
+#
 # Settings: SOAK_SECS (600), SOAK_SAMPLE_SECS (60), CLAWDFORGE_MAX_CONCURRENT (4),
 # SOAK_PAUSE (0.05 s between one client's requests), SOAK_MAX_RSS_GROWTH_MB (16),
 # SOAK_MAX_FD_GROWTH (16), SOAK_ONLY (run|stream|upload|get|unauthorized|session|admin:
@@ -25,53 +29,23 @@ pause="${SOAK_PAUSE:-0.05}"
 max_rss_growth_kb=$(( ${SOAK_MAX_RSS_GROWTH_MB:-16} * 1024 ))
 max_fd_growth="${SOAK_MAX_FD_GROWTH:-16}"
 clients=$((2 * max_concurrent))
-for tool in cargo curl python3; do
-  if ! command -v "$tool" >/dev/null 2>&1; then
-    echo "soak: $tool is required but not installed" >&2
-    exit 2
-  fi
-done
-
-work="$(mktemp -d)"
-chmod 700 "$work"
-server_pid=""
+prog=soak
+# shellcheck source=scripts/lib/stub-server.sh
+. scripts/lib/stub-server.sh
+require_tools cargo curl python3
+make_work_dir
 client_pids=()
-cleanup() {
-  local rc=$?
-  trap - EXIT
+on_exit() {
   for pid in "${client_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-    kill -KILL "$server_pid" 2>/dev/null || true
-  fi
-  if [ "$rc" -ne 0 ] && [ -f "$work/server.log" ]; then
-    echo "soak: server log (last lines):" >&2
-    tail -n 20 "$work/server.log" >&2
-  fi
-  rm -rf "$work"
-  exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
 echo "soak: building the release binary" >&2
-cargo build --release --locked --bin clawdforge >&2
-target_dir="$(cargo metadata --format-version 1 --no-deps |
-  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
-bin="$target_dir/release/clawdforge"
-
-mkdir -p "$work/home"
-export CLAWDFORGE_DATA_DIR="$work/data"
-export CLAWDFORGE_LISTEN=127.0.0.1:0
-export CLAWDFORGE_LOG_FORMAT=json
+build_clawdforge release
+stub_server_env
 export CLAWDFORGE_MAX_CONCURRENT="$max_concurrent"
-export CLAWDFORGE_WARM_POOL=0
-export CLAUDE_BIN="$PWD/tests/stubs/claude"
-export ACPX_BIN="$PWD/tests/stubs/acpx"
-export HOME="$work/home"
 export RUST_LOG=warn,clawdforge=info
-ADMIN_BOOTSTRAP_TOKEN="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-export ADMIN_BOOTSTRAP_TOKEN
+export CLAWDFORGE_SESSION_HARD_TTL_SECS="${CLAWDFORGE_SESSION_HARD_TTL_SECS:-60}"
+export CLAWDFORGE_SWEEP_INTERVAL_SECS="${CLAWDFORGE_SWEEP_INTERVAL_SECS:-15}"
 
 token="$("$bin" tokens mint --name soak 2>/dev/null)"
 # Bearers go to curl in 0600 files, never on a command line.
@@ -79,18 +53,7 @@ printf 'Authorization: Bearer %s\n' "$token" >"$work/auth"
 printf 'Authorization: Bearer %s\n' "$ADMIN_BOOTSTRAP_TOKEN" >"$work/admin"
 printf 'Authorization: Bearer cf_%s\n' "$(printf 'x%.0s' $(seq 43))" >"$work/wrong"
 head -c 20000 /dev/urandom >"$work/upload.bin"
-
-"$bin" serve 2>"$work/server.log" &
-server_pid=$!
-addr=""
-for _ in $(seq 1 200); do
-  addr="$(grep -o '"addr":"[^"]*"' "$work/server.log" | head -n 1 | cut -d'"' -f4 || true)"
-  [ -n "$addr" ] && break
-  kill -0 "$server_pid" 2>/dev/null || { echo "soak: the server exited" >&2; exit 1; }
-  sleep 0.05
-done
-[ -n "$addr" ] || { echo "soak: the server did not start listening" >&2; exit 1; }
-base="http://$addr"
+start_stub_server
 
 # Optional routes, used once the server has them.
 code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
@@ -220,13 +183,15 @@ sample() {
   printf '| %s | %s | %s | %s (%s) | %s | %s | %s |\n' "$1" "$((rss / 1024))" "$fd" \
     "${kids% *}" "${kids#* }" "${queue:--}" "$(requests)" "$(db_mb)"
   last="$rss $fd"
+  peak_rss=$(( rss > ${peak_rss:-0} ? rss : ${peak_rss:-0} ))
 }
 sample "start, idle"
 
 started="$(date +%s)"
 end=$((started + secs))
+# The clients outlast the sampler a little, so its last sample is under load too.
 for i in $(seq 1 "$clients"); do
-  client "$end" "$work/client-$i.log" &
+  client "$((end + 5))" "$work/client-$i.log" &
   client_pids+=("$!")
 done
 echo "soak: $clients clients for ${secs}s against $base (max_concurrent $max_concurrent," \
@@ -251,7 +216,7 @@ base_index=$(( ${#loaded[@]} > 2 ? 1 : 0 ))
 read -r rss0 fd0 <<<"${loaded[$base_index]}"
 read -r rss1 fd1 <<<"${loaded[${#loaded[@]} - 1]}"
 echo "soak: under load, sample $((base_index + 1)) to the last: RSS $((rss0 / 1024)) ->" \
-  "$((rss1 / 1024)) MB, fds $fd0 -> $fd1" >&2
+  "$((rss1 / 1024)) MB (peak $((peak_rss / 1024)) MB), fds $fd0 -> $fd1" >&2
 if [ $((rss1 - rss0)) -gt "$max_rss_growth_kb" ]; then
   echo "soak: RSS grew by $(((rss1 - rss0) / 1024)) MB (allowed $((max_rss_growth_kb / 1024)))" >&2
   failed=1
