@@ -66,21 +66,24 @@ async fn post_run(client: Client, url: String, token: String, body: Value) -> En
 
 /// A run or a turn at `url`, JSON or streamed.
 async fn post_prompt(client: Client, url: String, token: String, body: Value) -> Ended {
-    let res = match client
+    let res = client
         .post(url)
         .bearer_auth(&token)
         .json(&body)
         .send()
-        .await
-    {
-        Ok(res) => res,
-        Err(_) => return Ended::Cut,
-    };
+        .await;
+    ended(res, body["stream"] == json!(true)).await
+}
+
+/// How a request ended: its status and JSON body, or cut short. A stream's answer is its
+/// final `result` or `error` event.
+async fn ended(res: reqwest::Result<reqwest::Response>, stream: bool) -> Ended {
+    let Ok(res) = res else { return Ended::Cut };
     let status = res.status().as_u16();
     let Ok(text) = res.text().await else {
         return Ended::Cut;
     };
-    if body["stream"] == json!(true) && status == 200 {
+    if stream && status == 200 {
         // The answer is the final event; a stream without one was cut.
         let last = text
             .split("\n\n")
@@ -112,12 +115,7 @@ async fn post_session(client: Client, url: String, token: String) -> Ended {
         .json(&json!({}))
         .send()
         .await;
-    let Ok(res) = res else { return Ended::Cut };
-    let status = res.status().as_u16();
-    match res.text().await.map(|t| serde_json::from_str(&t)) {
-        Ok(Ok(v)) => Ended::Answered(status, v),
-        _ => Ended::Cut,
-    }
+    ended(res, false).await
 }
 
 const BOUNDARY: &str = "drill-boundary-5f0c2a";
@@ -154,12 +152,7 @@ async fn post_upload(
         .body(reqwest::Body::wrap_stream(body))
         .send()
         .await;
-    let Ok(res) = res else { return Ended::Cut };
-    let status = res.status().as_u16();
-    match res.text().await.map(|t| serde_json::from_str(&t)) {
-        Ok(Ok(v)) => Ended::Answered(status, v),
-        _ => Ended::Cut,
-    }
+    ended(res, false).await
 }
 
 /// Live (not zombie) processes this drill is responsible for: those carrying its marker in
