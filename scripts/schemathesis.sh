@@ -41,8 +41,10 @@ CF_APP_TOKEN="$("$bin" tokens mint --name schemathesis 2>/dev/null)"
 export CF_APP_TOKEN
 start_stub_server
 
-schema="${SCHEMATHESIS_SCHEMA:-$work/openapi.json}"
-if [ -z "${SCHEMATHESIS_SCHEMA:-}" ]; then
+schema="$work/openapi.json"
+if [ -n "${SCHEMATHESIS_SCHEMA:-}" ]; then
+  schema="$(realpath "$SCHEMATHESIS_SCHEMA")"
+else
   status="$(curl -s -o "$schema" -w '%{http_code}' "$base/openapi.json")"
   if [ "$status" != 200 ]; then
     echo "schemathesis: GET /openapi.json answered $status; this build has no schema to test" >&2
@@ -66,6 +68,8 @@ if [ -n "${SCHEMATHESIS_MAX_TIME:-}" ]; then
   extra+=(--max-time "$SCHEMATHESIS_MAX_TIME")
 fi
 echo "schemathesis: $examples examples per operation against $base" >&2
+# Run from the work dir: schemathesis leaves its .hypothesis/ and .schemathesis/ caches there.
+cd "$work"
 timeout "$limit" "$venv/bin/schemathesis" --config-file "$work/schemathesis.toml" \
   run "$schema" \
   --url "$base" \
