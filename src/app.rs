@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::tokens;
 use crate::auth::AllowList;
 use crate::config::Config;
+use crate::governance::Governor;
 use crate::http::extract::{admin_digest, LastUsed};
 use crate::probe::Probes;
 use crate::slots::Slots;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub admin_digest: Option<[u8; 32]>,
     /// Admission control for agent processes (runs and turns).
     pub slots: Slots,
+    /// Per-token admission (concurrency, rate) and the usage-limit block; see `governance`.
+    pub governor: Governor,
 }
 
 impl AppState {
@@ -103,7 +106,13 @@ impl App {
         let shutdown = CancellationToken::new();
         probes.spawn_refresher(config.clone(), shutdown.clone());
 
+        let slots = Slots::new(
+            config.settings.max_concurrent as usize,
+            config.settings.max_queue as usize,
+            Duration::from_secs(config.settings.queue_timeout_secs),
+        );
         let state = Arc::new(AppState {
+            governor: Governor::default(),
             allow_cidrs: AllowList(config.settings.allow_cidrs.clone()),
             trusted_proxies: AllowList(config.settings.trusted_proxies.clone()),
             admin_digest: config
@@ -111,11 +120,7 @@ impl App {
                 .admin_bootstrap_token
                 .as_deref()
                 .map(admin_digest),
-            slots: Slots::new(
-                config.settings.max_concurrent as usize,
-                config.settings.max_queue as usize,
-                Duration::from_secs(config.settings.queue_timeout_secs),
-            ),
+            slots,
             config,
             db,
             probes,

@@ -10,6 +10,7 @@
 //! - [`process`]: supervised agent processes (env allowlist, process groups, kills);
 //! - [`runner`]: one-shot `claude -p` runs;
 //! - [`slots`]: admission control for agent processes;
+//! - [`governance`]: token policy, the usage ledger, and admission per token;
 //! - [`files`]: uploads and staging them into working dirs;
 //! - [`sessions`]: multi-turn sessions through acpx;
 //! - [`probe`]: cached CLI version probes for `/healthz`;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod doctor;
 pub mod error;
 pub mod files;
+pub mod governance;
 pub mod http;
 pub mod probe;
 pub mod process;

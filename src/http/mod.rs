@@ -7,6 +7,7 @@ pub mod health;
 pub mod params;
 pub mod runs;
 pub mod sessions;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,10 +85,16 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/admin/tokens", post(admin::mint).get(admin::list))
-        .route("/admin/tokens/{id}", delete(admin::revoke))
+        .route(
+            "/admin/tokens/{id}",
+            delete(admin::revoke).patch(admin::patch),
+        )
+        .route("/admin/tokens/{id}/rotate", post(admin::rotate))
         .route("/admin/audit", get(admin::audit))
+        .route("/admin/usage", get(admin::usage))
         .route("/run", post(runs::run))
         .route("/sessions", get(sessions::list))
+        .route("/usage", get(usage::usage))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json_limit))

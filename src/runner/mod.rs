@@ -1,6 +1,6 @@
 //! One-shot runs: `claude -p` in a fresh staged working dir, supervised from spawn to exit.
-//! [`prepare`] does everything that can fail before an answer starts (slot, dir, files,
-//! audit row), so those failures are plain JSON even for streaming requests; [`execute`]
+//! [`prepare`] does everything that can fail before an answer starts (admission through
+//! `governance::admit`, dir, files, audit row), so those failures are plain JSON even for streaming requests; [`execute`]
 //! runs the CLI, optionally forwarding each stream-json line, and closes the audit row
 //! before the answer leaves.
 
@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
 use crate::audit::{self, AuditEntry, Completion, Outcome};
+use crate::auth::tokens::TokenRecord;
 use crate::error::ApiError;
+use crate::governance::{self, Admission};
 use crate::process::{child_env, Event, Proc, ProcError, Spec};
-use crate::slots::Slot;
 use crate::util::new_id;
 
 /// A validated `/run` request.
@@ -43,6 +44,8 @@ pub struct Usage {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunAnswer {
     pub run_id: String,
+    /// The answer: JSON when it parses as JSON (a surrounding Markdown fence removed), else
+    /// the CLI's text.
     pub result: Value,
     pub duration_ms: u64,
     pub stop_reason: String,
@@ -100,7 +103,8 @@ impl Drop for DirGuard {
     }
 }
 
-/// A run ready to start: it holds its slot, dir and open audit row.
+/// A run ready to start: it holds its admission (slot and the token's in-flight count), dir
+/// and open audit row.
 pub struct Prepared {
     state: Arc<AppState>,
     pub run_id: String,
@@ -108,16 +112,18 @@ pub struct Prepared {
     prompt_text: String,
     dir: DirGuard,
     audit: AuditGuard,
-    _slot: Slot,
+    _admission: Admission,
 }
 
-/// Takes a slot (waiting in line), makes the run dir, stages the files, opens the audit row.
+/// Admits the run under the token's policy (waiting in line for a slot), makes the run dir,
+/// stages the files, opens the audit row.
 pub async fn prepare(
     state: &Arc<AppState>,
-    token_id: &str,
+    token: &TokenRecord,
     input: RunInput,
 ) -> Result<Prepared, ApiError> {
-    let slot = state.slots.acquire().await?;
+    let admission = governance::admit(state, token, &input.model).await?;
+    let token_id = token.id.as_str();
     let run_id = new_id("run_");
     let dir = state.config.runs_dir.join(&run_id);
     tokio::fs::create_dir_all(&dir).await?;
@@ -160,7 +166,7 @@ pub async fn prepare(
             id: audit_id,
             done: false,
         },
-        _slot: slot,
+        _admission: admission,
     })
 }
 
@@ -332,6 +338,9 @@ pub async fn execute(
         },
     };
     p.audit.complete(completion).await;
+    if let Err(e) = &judged {
+        state.governor.note(e);
+    }
     let r = judged?;
     Ok(RunAnswer {
         run_id: p.run_id.clone(),

@@ -10,7 +10,11 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
 /// Migrations, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    // 0002 is taken by the sessions branch; 0003 is governance (issue #7).
+    include_str!("migrations/0003_governance.sql"),
+];
 
 /// How long a connection waits for a lock held by another connection (or process, such as
 /// `clawdforge tokens mint` while the server runs) before giving up.

@@ -6,6 +6,7 @@ mod binary;
 #[path = "../common/fake_upstream.rs"]
 mod fake_upstream;
 mod foundation;
+mod governance;
 mod harness;
 mod netns;
 mod real;

@@ -28,7 +28,7 @@ fn runs_left(s: &TestServer) -> usize {
         .unwrap_or(0)
 }
 
-async fn run(s: &TestServer, token: &str, body_json: Value) -> (u16, Value) {
+pub async fn run(s: &TestServer, token: &str, body_json: Value) -> (u16, Value) {
     body(
         s.app(token, Method::POST, "/run")
             .json(&body_json)

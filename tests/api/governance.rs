@@ -1,0 +1,589 @@
+//! Governance (issue #7): token policy through the admin API and the CLI, the usage ledger
+//! and `/usage`, enforcement before spawning (budget, rate, concurrency, models, expiry,
+//! the CLI's usage limit) and rotation.
+
+use std::collections::BTreeMap;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::harness::{body, eventually, TestServer};
+use crate::runs::{records, run};
+
+async fn patch(s: &TestServer, id: &str, b: Value) -> (u16, Value) {
+    body(
+        s.admin(Method::PATCH, &format!("/admin/tokens/{id}"))
+            .json(&b)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+async fn get(s: &TestServer, bearer: &str, path: &str) -> (u16, Value) {
+    body(s.app(bearer, Method::GET, path).send().await.unwrap()).await
+}
+
+fn listed(list: &Value, id: &str) -> Value {
+    list["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .cloned()
+        .unwrap()
+}
+
+fn retry_after(res: &reqwest::Response) -> u64 {
+    res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn policy_is_set_at_mint_patched_and_listed() {
+    let s = TestServer::start().await;
+    let res = s
+        .admin(Method::POST, "/admin/tokens")
+        .json(&json!({
+            "name": "governed", "ip_cidrs": ["127.0.0.0/8"],
+            "budget_usd_per_day": 1.5, "budget_usd_per_month": 20,
+            "max_concurrent": 2, "rate_per_min": 30,
+            "allowed_models": ["haiku", "sonnet"], "default_model": "haiku",
+            "session_permissions": "deny-all", "expires_at": "2099-01-02T03:04:05Z"
+        }))
+        .send()
+        .await
+        .unwrap();
+    let (st, minted) = body(res).await;
+    assert_eq!(st, 201, "{minted}");
+    let id = minted["id"].as_str().unwrap().to_string();
+    let expected = json!({
+        "ip_cidrs": ["127.0.0.0/8"], "budget_usd_per_day": 1.5, "budget_usd_per_month": 20.0,
+        "max_concurrent": 2, "rate_per_min": 30, "allowed_models": ["haiku", "sonnet"],
+        "default_model": "haiku", "session_permissions": "deny-all",
+        "expires_at": "2099-01-02T03:04:05Z"
+    });
+    for (k, v) in expected.as_object().unwrap() {
+        assert_eq!(&minted[k], v, "mint answer: {k}");
+    }
+    let (_, list) = get(&s, crate::harness::ADMIN, "/admin/tokens").await;
+    let row = listed(&list, &id);
+    for (k, v) in expected.as_object().unwrap() {
+        assert_eq!(&row[k], v, "list: {k}");
+    }
+    assert!(row.get("hash").is_none() && row.get("token").is_none());
+
+    // Omitted keeps, null clears, a value replaces.
+    let (st, v) = patch(
+        &s,
+        &id,
+        json!({"budget_usd_per_day": null, "rate_per_min": 5, "ip_cidrs": null}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["budget_usd_per_day"], Value::Null);
+    assert_eq!(v["rate_per_min"], 5);
+    assert_eq!(v["ip_cidrs"], json!([]));
+    assert_eq!(
+        v["budget_usd_per_month"], 20.0,
+        "omitted fields keep their value"
+    );
+    assert_eq!(v["default_model"], "haiku");
+    let (_, list) = get(&s, crate::harness::ADMIN, "/admin/tokens").await;
+    assert_eq!(listed(&list, &id)["rate_per_min"], 5);
+
+    for bad in [
+        json!({"budget": 1}),
+        json!({"name": "renamed"}),
+        json!({"budget_usd_per_day": -1}),
+        json!({"budget_usd_per_day": "1"}),
+        json!({"max_concurrent": 0}),
+        json!({"rate_per_min": 1.5}),
+        json!({"allowed_models": []}),
+        json!({"allowed_models": ["opus"]}),
+        json!({"default_model": "--help"}),
+        json!({"session_permissions": "approve-most"}),
+        json!({"expires_at": "next week"}),
+        json!({"ip_cidrs": ["300.0.0.0/8"]}),
+        json!([1, 2]),
+    ] {
+        let (st, v) = patch(&s, &id, bad.clone()).await;
+        assert_eq!(
+            (st, v["code"].as_str()),
+            (400, Some("bad_request")),
+            "{bad}: {v}"
+        );
+    }
+    let (_, list) = get(&s, crate::harness::ADMIN, "/admin/tokens").await;
+    assert_eq!(
+        listed(&list, &id)["allowed_models"],
+        json!(["haiku", "sonnet"])
+    );
+    let (st, _) = patch(&s, "tok_nosuchtoken", json!({"rate_per_min": 1})).await;
+    assert_eq!(st, 404);
+    let (_, app) = s.mint("app").await;
+    let res = s
+        .app(&app, Method::PATCH, &format!("/admin/tokens/{id}"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+
+    // Mint refuses what PATCH refuses, and unknown fields.
+    for bad in [
+        json!({"name": "x", "rate_per_min": 0}),
+        json!({"name": "x", "colour": "blue"}),
+        json!({"rate_per_min": 3}),
+        json!({"name": "x", "allowed_models": ["haiku"], "default_model": "opus"}),
+    ] {
+        let res = s
+            .admin(Method::POST, "/admin/tokens")
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400, "{bad}");
+    }
+    let updates: i64 = s
+        .db()
+        .query_row(
+            "SELECT count(*) FROM audit WHERE kind = 'token_update' AND subject = ?1",
+            [&id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(updates, 1, "one audit row per applied patch");
+}
+
+#[tokio::test]
+async fn usage_is_metered_per_token_day_and_model() {
+    let s = TestServer::start().await;
+    let (id, t) = s.mint("metered").await;
+    let (_, other) = s.mint("other").await;
+    let mut cost = 0.0;
+    let mut tokens_in = 0;
+    for (prompt, model) in [("one", "sonnet"), ("two two", "sonnet"), ("three", "haiku")] {
+        let (st, v) = run(&s, &t, json!({"prompt": prompt, "model": model})).await;
+        assert_eq!(st, 200, "{v}");
+        cost += v["cost_usd"].as_f64().unwrap();
+        tokens_in += v["usage"]["input_tokens"].as_i64().unwrap();
+    }
+    // A failed run counts as a request at the cost the CLI reported (zero here).
+    let (st, _) = run(&s, &t, json!({"prompt": "@stub:error=nope"})).await;
+    assert_eq!(st, 502);
+    assert_eq!(run(&s, &other, json!({"prompt": "not mine"})).await.0, 200);
+
+    let (st, u) = get(&s, &t, "/usage").await;
+    assert_eq!(st, 200, "{u}");
+    let today = u["today"]["day"].as_str().unwrap().to_string();
+    assert_eq!(today.len(), 10);
+    assert_eq!(u["token_id"], id.as_str());
+    assert_eq!(u["today"]["requests"], 4);
+    assert_eq!(u["today"]["input_tokens"], tokens_in);
+    assert!(
+        (u["today"]["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-9,
+        "{u}"
+    );
+    assert_eq!(u["month"]["month"], &today[..7]);
+    assert_eq!(u["month"]["requests"], 4);
+    assert_eq!(u["by_day"], json!([u["today"].clone()]));
+    let by_model: BTreeMap<String, i64> = u["by_model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["model"].as_str().unwrap().to_string(),
+                m["requests"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_model,
+        BTreeMap::from([("haiku".into(), 1), ("sonnet".into(), 3)])
+    );
+    assert_eq!(u["budget"]["usd_per_day"], Value::Null);
+
+    // The ledger agrees with the audit rows it was added up from.
+    let audit_cost: f64 = s
+        .db()
+        .query_row(
+            "SELECT sum(cost_usd) FROM audit WHERE kind = 'run' AND token_id = ?1",
+            [&id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!((audit_cost - cost).abs() < 1e-9);
+
+    let (st, a) = get(
+        &s,
+        crate::harness::ADMIN,
+        &format!("/admin/usage?token_id={id}&from={today}&to={today}"),
+    )
+    .await;
+    assert_eq!(st, 200, "{a}");
+    let rows = a["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{a}");
+    assert!(rows
+        .iter()
+        .all(|r| r["token_id"] == id.as_str() && r["token_name"] == "metered"));
+    assert_eq!(a["totals"]["requests"], 4);
+    let (_, all) = get(&s, crate::harness::ADMIN, "/admin/usage").await;
+    assert_eq!(
+        all["totals"]["requests"], 5,
+        "default range: this month, every token"
+    );
+    assert_eq!(all["to"], today.as_str());
+    let (_, none) = get(
+        &s,
+        crate::harness::ADMIN,
+        "/admin/usage?from=2001-01-01&to=2001-01-31",
+    )
+    .await;
+    assert_eq!(none["rows"], json!([]));
+    for bad in [
+        "from=2025-13-01",
+        "to=yesterday",
+        "from=2025-02-30",
+        "from=2025-06-02&to=2025-06-01",
+        "from=2020-01-01&to=2025-01-01",
+        "colour=blue",
+    ] {
+        let (st, v) = get(&s, crate::harness::ADMIN, &format!("/admin/usage?{bad}")).await;
+        assert_eq!(
+            (st, v["code"].as_str()),
+            (400, Some("bad_request")),
+            "{bad}"
+        );
+    }
+    assert_eq!(get(&s, &t, "/admin/usage").await.0, 403);
+    assert_eq!(get(&s, crate::harness::ADMIN, "/usage").await.0, 401);
+}
+
+#[tokio::test]
+async fn spent_budget_is_402_before_spawning() {
+    let s = TestServer::start().await;
+    let (id, t) = s
+        .mint_with(json!({"name": "thrifty", "budget_usd_per_day": 0.000001}))
+        .await;
+    // Under budget (nothing spent yet): admitted, and it overspends by its own cost only.
+    assert_eq!(run(&s, &t, json!({"prompt": "first"})).await.0, 200);
+    let spawned = records(&s.record_dir).len();
+    let (st, v) = run(&s, &t, json!({"prompt": "second"})).await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (402, Some("budget_exhausted")),
+        "{v}"
+    );
+    assert_eq!(records(&s.record_dir).len(), spawned, "nothing was spawned");
+    let (_, u) = get(&s, &t, "/usage").await;
+    assert_eq!(u["budget"]["remaining_today"], 0.0);
+
+    // Clearing the daily budget lifts it; a spent monthly budget refuses the same way.
+    assert_eq!(
+        patch(&s, &id, json!({"budget_usd_per_day": null})).await.0,
+        200
+    );
+    assert_eq!(run(&s, &t, json!({"prompt": "third"})).await.0, 200);
+    assert_eq!(
+        patch(&s, &id, json!({"budget_usd_per_month": 0})).await.0,
+        200
+    );
+    let (st, v) = run(&s, &t, json!({"prompt": "fourth"})).await;
+    assert_eq!((st, v["code"].as_str()), (402, Some("budget_exhausted")));
+    assert!(v["error"].as_str().unwrap().contains("monthly"), "{v}");
+    assert_eq!(
+        s.audit_rows("run").len(),
+        2,
+        "refused runs open no audit row"
+    );
+}
+
+#[tokio::test]
+async fn rate_limit_is_429_with_retry_after() {
+    let s = TestServer::start().await;
+    let (_, t) = s
+        .mint_with(json!({"name": "chatty", "rate_per_min": 2}))
+        .await;
+    let (_, other) = s.mint("quiet").await;
+    for _ in 0..2 {
+        assert_eq!(run(&s, &t, json!({"prompt": "hi"})).await.0, 200);
+    }
+    let res = s
+        .app(&t, Method::POST, "/run")
+        .json(&json!({"prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    let retry = retry_after(&res);
+    assert!((1..=60).contains(&retry), "{retry}");
+    let (st, v) = body(res).await;
+    assert_eq!((st, v["code"].as_str()), (429, Some("rate_limited")));
+    assert_eq!(
+        run(&s, &other, json!({"prompt": "hi"})).await.0,
+        200,
+        "per token"
+    );
+}
+
+#[tokio::test]
+async fn token_concurrency_is_429_overloaded() {
+    let s = TestServer::start().await;
+    let (id, t) = s
+        .mint_with(json!({"name": "one-at-a-time", "max_concurrent": 1}))
+        .await;
+    let hanging = {
+        let req = s
+            .app(&t, Method::POST, "/run")
+            .json(&json!({"prompt": "@stub:hang"}));
+        tokio::spawn(async move { req.send().await })
+    };
+    let state = s.state.clone();
+    let id2 = id.clone();
+    eventually("the first run is in flight", || {
+        state.governor.in_flight(&id2) == 1
+    })
+    .await;
+    let res = s
+        .app(&t, Method::POST, "/run")
+        .json(&json!({"prompt": "second"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retry_after(&res), 1);
+    let (st, v) = body(res).await;
+    assert_eq!((st, v["code"].as_str()), (429, Some("overloaded")), "{v}");
+    // The client hanging up ends the first run and frees the token's place.
+    hanging.abort();
+    let state = s.state.clone();
+    eventually("the first run is gone", || {
+        state.governor.in_flight(&id) == 0
+    })
+    .await;
+    assert_eq!(run(&s, &t, json!({"prompt": "third"})).await.0, 200);
+}
+
+#[tokio::test]
+async fn models_are_checked_and_default_model_applies() {
+    let s = TestServer::start().await;
+    let (_, t) = s
+        .mint_with(json!({"name": "haiku-only", "allowed_models": ["haiku"],
+                          "default_model": "haiku"}))
+        .await;
+    let (st, v) = run(&s, &t, json!({"prompt": "no model named"})).await;
+    assert_eq!((st, v["model"].as_str()), (200, Some("haiku")), "{v}");
+    let argv = records(&s.record_dir).pop().unwrap()["argv"].clone();
+    assert!(
+        argv.as_array().unwrap().contains(&json!("--model=haiku")),
+        "{argv}"
+    );
+    let spawned = records(&s.record_dir).len();
+    let (st, v) = run(&s, &t, json!({"prompt": "x", "model": "opus"})).await;
+    assert_eq!((st, v["code"].as_str()), (403, Some("forbidden")), "{v}");
+    assert_eq!(records(&s.record_dir).len(), spawned);
+    // Without a token default the server's applies, and is checked like any other.
+    let (_, t2) = s
+        .mint_with(json!({"name": "opus-only", "allowed_models": ["opus"]}))
+        .await;
+    assert_eq!(run(&s, &t2, json!({"prompt": "x"})).await.0, 403);
+    assert_eq!(
+        run(&s, &t2, json!({"prompt": "x", "model": "opus"}))
+            .await
+            .0,
+        200
+    );
+}
+
+#[tokio::test]
+async fn expired_tokens_are_401() {
+    let s = TestServer::start().await;
+    let (id, t) = s
+        .mint_with(json!({"name": "old", "expires_at": "2001-01-01T00:00:00Z"}))
+        .await;
+    let res = s.app(&t, Method::GET, "/usage").send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    assert_eq!(run(&s, &t, json!({"prompt": "x"})).await.0, 401);
+    assert_eq!(
+        get(&s, &t, "/admin/tokens").await.0,
+        401,
+        "not even a 403 any more"
+    );
+    assert_eq!(
+        patch(&s, &id, json!({"expires_at": "2099-01-01T00:00:00+02:00"}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(run(&s, &t, json!({"prompt": "x"})).await.0, 200);
+}
+
+#[tokio::test]
+async fn rotate_replaces_the_secret_and_keeps_the_rest() {
+    let s = TestServer::start().await;
+    let (id, old) = s
+        .mint_with(json!({"name": "rotating", "rate_per_min": 100}))
+        .await;
+    assert_eq!(run(&s, &old, json!({"prompt": "before"})).await.0, 200);
+    let res = s
+        .admin(Method::POST, &format!("/admin/tokens/{id}/rotate"))
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = body(res).await;
+    assert_eq!(st, 200, "{v}");
+    let new = v["token"].as_str().unwrap().to_string();
+    assert!(new.starts_with("cf_") && new != old);
+    assert_eq!(
+        (v["id"].as_str(), v["rate_per_min"].as_i64()),
+        (Some(id.as_str()), Some(100))
+    );
+    assert_eq!(
+        run(&s, &old, json!({"prompt": "x"})).await.0,
+        401,
+        "old secret dead"
+    );
+    assert_eq!(run(&s, &new, json!({"prompt": "after"})).await.0, 200);
+    let (_, u) = get(&s, &new, "/usage").await;
+    assert_eq!(u["today"]["requests"], 2, "usage history kept");
+    let kinds: Vec<String> = s
+        .db()
+        .prepare("SELECT kind FROM audit WHERE subject = ?1 ORDER BY id")
+        .unwrap()
+        .query_map([&id], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(kinds, ["token_mint", "token_rotate"]);
+
+    let res = s
+        .admin(Method::POST, "/admin/tokens/tok_nosuchtoken/rotate")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    s.admin(Method::DELETE, &format!("/admin/tokens/{id}"))
+        .send()
+        .await
+        .unwrap();
+    let res = s
+        .admin(Method::POST, &format!("/admin/tokens/{id}/rotate"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400, "a revoked token stays revoked");
+    assert_eq!(run(&s, &new, json!({"prompt": "x"})).await.0, 401);
+}
+
+#[tokio::test]
+async fn usage_limit_blocks_runs_until_reset_without_spawning() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("first").await;
+    let (_, other) = s.mint("second").await;
+    let reset = unix_now() + 600;
+    let (st, v) = run(
+        &s,
+        &t,
+        json!({"prompt": format!("@stub:usage-limit={reset}")}),
+    )
+    .await;
+    assert_eq!((st, v["code"].as_str()), (429, Some("usage_limit")));
+    let spawned = records(&s.record_dir).len();
+    for token in [&t, &other] {
+        let res = s
+            .app(token, Method::POST, "/run")
+            .json(&json!({"prompt": "hello"}))
+            .send()
+            .await
+            .unwrap();
+        let retry = retry_after(&res);
+        assert!((590..=600).contains(&retry), "{retry}");
+        let (st, v) = body(res).await;
+        assert_eq!((st, v["code"].as_str()), (429, Some("usage_limit")));
+    }
+    assert_eq!(records(&s.record_dir).len(), spawned, "nothing was spawned");
+    assert_eq!(s.audit_rows("run").len(), 1);
+}
+
+#[tokio::test]
+async fn cli_mint_takes_policy_flags_and_rotates() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", &data)
+        .args([
+            "tokens",
+            "mint",
+            "--name",
+            "cli",
+            "--json",
+            "--budget-usd-per-day",
+            "2.5",
+            "--token-max-concurrent",
+            "3",
+            "--allowed-model",
+            "haiku",
+            "--allowed-model",
+            "sonnet",
+            "--token-default-model",
+            "sonnet",
+            "--token-session-permissions",
+            "approve-all",
+            "--expires-at",
+            "2099-05-06T07:08:09Z",
+            "--rate-per-min",
+            "9",
+            "--budget-usd-per-month",
+            "40",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["budget_usd_per_day"], 2.5);
+    assert_eq!(v["allowed_models"], json!(["haiku", "sonnet"]));
+    assert_eq!(v["session_permissions"], "approve-all");
+    assert_eq!(
+        (v["max_concurrent"].as_i64(), v["default_model"].as_str()),
+        (Some(3), Some("sonnet"))
+    );
+    assert_eq!(v["expires_at"], "2099-05-06T07:08:09Z");
+    let id = v["id"].as_str().unwrap();
+    let out = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", &data)
+        .args(["tokens", "rotate", id])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let new = String::from_utf8(out.stdout).unwrap();
+    assert!(new.trim().starts_with("cf_") && new.trim() != v["token"].as_str().unwrap());
+    let bad = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", &data)
+        .args([
+            "tokens",
+            "mint",
+            "--name",
+            "x",
+            "--token-max-concurrent",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
