@@ -14,6 +14,7 @@ use crate::auth::AllowList;
 use crate::config::Config;
 use crate::governance::Governor;
 use crate::http::extract::{admin_digest, LastUsed};
+use crate::metrics::Metrics;
 use crate::probe::Probes;
 use crate::slots::Slots;
 use crate::store::Db;
@@ -41,6 +42,7 @@ pub struct AppState {
     pub slots: Slots,
     /// Per-token admission (concurrency, rate) and the usage-limit block; see `governance`.
     pub governor: Governor,
+    pub metrics: Metrics,
 }
 
 impl AppState {
@@ -112,6 +114,7 @@ impl App {
             Duration::from_secs(config.settings.queue_timeout_secs),
         );
         let state = Arc::new(AppState {
+            metrics: Metrics::new(slots.clone(), probes.clone()),
             governor: Governor::default(),
             allow_cidrs: AllowList(config.settings.allow_cidrs.clone()),
             trusted_proxies: AllowList(config.settings.trusted_proxies.clone()),

@@ -11,9 +11,10 @@
 //! - [`runner`]: one-shot `claude -p` runs;
 //! - [`slots`]: admission control for agent processes;
 //! - [`governance`]: token policy, the usage ledger, and admission per token;
+//! - [`metrics`]: the Prometheus registry behind `/metrics`;
 //! - [`files`]: uploads and staging them into working dirs;
 //! - [`sessions`]: multi-turn sessions through acpx;
-//! - [`probe`]: cached CLI version probes for `/healthz`;
+//! - [`probe`]: cached CLI probes (versions, login) for `/healthz` and `/metrics`;
 //! - [`cli`]: subcommands that work without a server.
 
 pub mod app;
@@ -26,6 +27,7 @@ pub mod error;
 pub mod files;
 pub mod governance;
 pub mod http;
+pub mod metrics;
 pub mod probe;
 pub mod process;
 pub mod runner;

@@ -1,5 +1,6 @@
-//! Cached CLI probes behind `/healthz`: `claude --version` and `acpx --version`, run once
-//! before the server listens and then on a background timer, never per request.
+//! Cached CLI probes behind `/healthz` and `/metrics`: `claude --version`, `acpx --version`
+//! and `claude auth status`, run once before the server listens and then on a background
+//! timer, never per request.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -17,9 +18,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ProbeSnapshot {
     pub claude_version: Option<String>,
     pub acpx_version: Option<String>,
+    /// From `claude auth status`; `None` when the probe could not tell.
+    pub claude_logged_in: Option<bool>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug)]
 pub struct Probes(Arc<RwLock<ProbeSnapshot>>);
 
 impl Probes {
@@ -27,19 +30,22 @@ impl Probes {
         self.0.read().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Probes both CLIs (concurrently) and stores the result.
+    /// Probes both CLIs and claude's login (concurrently) and stores the result.
     pub async fn refresh(&self, config: &Config) -> ProbeSnapshot {
-        let (claude, acpx) = tokio::join!(
+        let (claude, acpx, logged_in) = tokio::join!(
             version_of(config, &config.settings.claude_bin),
-            version_of(config, &config.settings.acpx_bin)
+            version_of(config, &config.settings.acpx_bin),
+            logged_in(config, &config.settings.claude_bin)
         );
         let snap = ProbeSnapshot {
             claude_version: claude,
             acpx_version: acpx,
+            claude_logged_in: logged_in,
         };
         if let Ok(mut s) = self.0.write() {
             if *s != snap {
-                tracing::info!(claude = ?snap.claude_version, acpx = ?snap.acpx_version, "CLI probe");
+                tracing::info!(claude = ?snap.claude_version, acpx = ?snap.acpx_version,
+                               claude_logged_in = ?snap.claude_logged_in, "CLI probe");
             }
             *s = snap.clone();
         }
@@ -61,19 +67,37 @@ impl Probes {
     }
 }
 
-/// `PROGRAM --version`, first line, trimmed; `None` when missing, failing or slow.
-pub async fn version_of(config: &Config, program: &std::path::Path) -> Option<String> {
+/// `PROGRAM ARGS...` with the children's environment, bounded in time; `None` when missing,
+/// failing to start or slow.
+async fn probe(
+    config: &Config,
+    program: &std::path::Path,
+    args: &[&str],
+) -> Option<std::process::Output> {
     let mut cmd = Command::new(program);
-    cmd.arg("--version")
+    cmd.args(args)
         .env_clear()
         .envs(child_env(config))
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true);
-    let out = tokio::time::timeout(PROBE_TIMEOUT, cmd.output())
+    tokio::time::timeout(PROBE_TIMEOUT, cmd.output())
         .await
         .ok()?
-        .ok()?;
+        .ok()
+}
+
+/// `claude auth status` prints `{"loggedIn":bool,...}` (exiting 1 when logged out, so the
+/// exit status is not the answer); `None` when it printed no such object.
+pub async fn logged_in(config: &Config, claude: &std::path::Path) -> Option<bool> {
+    let out = probe(config, claude, &["auth", "status"]).await?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.get("loggedIn")?.as_bool()
+}
+
+/// `PROGRAM --version`, first line, trimmed; `None` when missing, failing or slow.
+pub async fn version_of(config: &Config, program: &std::path::Path) -> Option<String> {
+    let out = probe(config, program, &["--version"]).await?;
     if !out.status.success() {
         return None;
     }

@@ -195,6 +195,17 @@ pub fn rows(
     rows.collect()
 }
 
+/// All-time totals per token (for `/metrics`): (token id, token name, totals).
+pub fn per_token(conn: &Connection) -> rusqlite::Result<Vec<(String, String, Totals)>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT u.token_id, coalesce(t.name, ''), {SUMS}
+         FROM usage_daily u LEFT JOIN tokens t ON t.id = u.token_id
+         GROUP BY u.token_id ORDER BY u.token_id"
+    ))?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, totals_at(r, 2)?)))?;
+    rows.collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

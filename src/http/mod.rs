@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod extract;
 pub mod health;
+pub mod metrics;
 pub mod params;
 pub mod runs;
 pub mod sessions;
@@ -95,10 +96,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/run", post(runs::run))
         .route("/sessions", get(sessions::list))
         .route("/usage", get(usage::usage))
+        .route("/metrics", get(metrics::metrics))
+        .route_layer(middleware::from_fn(metrics::tag_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json_limit))
         .layer(middleware::from_fn_with_state(state.clone(), allowlist))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::count,
+        ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(trace)
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeId))

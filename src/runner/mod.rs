@@ -338,6 +338,9 @@ pub async fn execute(
         },
     };
     p.audit.complete(completion).await;
+    state
+        .metrics
+        .observe_run(outcome.as_str(), started.elapsed());
     if let Err(e) = &judged {
         state.governor.note(e);
     }

@@ -251,8 +251,8 @@ async fn healthz_reports_cached_probes_without_spawning() {
         .lines()
         .count();
     assert_eq!(
-        probes_at_start, 2,
-        "one probe each for claude and acpx before listening"
+        probes_at_start, 3,
+        "claude --version, acpx --version and claude auth status before listening"
     );
     for _ in 0..20 {
         let (st, v) = body(s.req(Method::GET, "/healthz").send().await.unwrap()).await;

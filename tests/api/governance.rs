@@ -1,6 +1,6 @@
 //! Governance (issue #7): token policy through the admin API and the CLI, the usage ledger
 //! and `/usage`, enforcement before spawning (budget, rate, concurrency, models, expiry,
-//! the CLI's usage limit) and rotation.
+//! the CLI's usage limit), rotation and `/metrics`.
 
 use std::collections::BTreeMap;
 
@@ -586,4 +586,266 @@ async fn cli_mint_takes_policy_flags_and_rotates() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
+}
+
+/// One sample of an exposition.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// A strict reader of the OpenMetrics text format: every line must be a known comment, a
+/// sample of a declared family with a suffix its type allows, and `# EOF` must end it.
+fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut samples = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.last(),
+        Some(&"# EOF"),
+        "exposition must end with # EOF"
+    );
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kind, name) = (parts.next().unwrap(), parts.next().unwrap());
+            let arg = parts
+                .next()
+                .unwrap_or_else(|| panic!("bare comment: {line}"));
+            match kind {
+                "TYPE" => {
+                    assert!(
+                        ["counter", "gauge", "histogram", "info", "unknown"].contains(&arg),
+                        "{line}"
+                    );
+                    assert!(
+                        types.insert(name.into(), arg.into()).is_none(),
+                        "twice: {line}"
+                    );
+                }
+                "HELP" | "UNIT" => {}
+                _ => panic!("unknown comment: {line}"),
+            }
+            continue;
+        }
+        let (name, rest) = match line.find(['{', ' ']) {
+            Some(i) => line.split_at(i),
+            None => panic!("no value: {line}"),
+        };
+        let (labels, rest) = match rest.strip_prefix('{') {
+            Some(l) => parse_labels(l, line),
+            None => (BTreeMap::new(), rest),
+        };
+        let value = rest.strip_prefix(' ').unwrap_or_else(|| panic!("{line}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("value: {line}")),
+        };
+        let family = types
+            .iter()
+            .filter(|(f, _)| name.starts_with(f.as_str()))
+            .max_by_key(|(f, _)| f.len())
+            .unwrap_or_else(|| panic!("sample of no declared family: {line}"));
+        let suffix = &name[family.0.len()..];
+        let allowed: &[&str] = match family.1.as_str() {
+            "counter" => &["_total", "_created"],
+            "histogram" => &["_bucket", "_sum", "_count", "_created"],
+            "info" => &["_info"],
+            _ => &[""],
+        };
+        assert!(
+            allowed.contains(&suffix),
+            "{suffix} on a {}: {line}",
+            family.1
+        );
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    samples
+}
+
+/// `key="value",...}` (after the `{`): the labels, and what follows the `}`.
+fn parse_labels<'a>(l: &'a str, line: &str) -> (BTreeMap<String, String>, &'a str) {
+    let mut labels = BTreeMap::new();
+    let mut i = 0;
+    loop {
+        let eq = l[i..]
+            .find("=\"")
+            .unwrap_or_else(|| panic!("label: {line}"))
+            + i;
+        let key = &l[i..eq];
+        assert!(
+            !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "label name {key:?}: {line}"
+        );
+        let mut value = String::new();
+        let mut chars = l[eq + 2..].char_indices();
+        let end = loop {
+            match chars.next() {
+                Some((_, '\\')) => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, c @ ('\\' | '"'))) => value.push(c),
+                    other => panic!("bad escape {other:?}: {line}"),
+                },
+                Some((j, '"')) => break eq + 2 + j + 1,
+                Some((_, c)) => value.push(c),
+                None => panic!("unterminated label value: {line}"),
+            }
+        };
+        assert!(labels.insert(key.to_string(), value).is_none(), "{line}");
+        match l.as_bytes().get(end) {
+            Some(b',') => i = end + 1,
+            Some(b'}') => return (labels, &l[end + 1..]),
+            other => panic!("after a label {other:?}: {line}"),
+        }
+    }
+}
+
+fn find<'a>(samples: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> Option<&'a Sample> {
+    samples.iter().find(|s| {
+        s.name == name
+            && labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(v))
+    })
+}
+
+#[tokio::test]
+async fn metrics_expose_the_series_and_need_the_admin_bearer() {
+    let s = TestServer::start().await;
+    let (id, t) = s.mint("scraped app").await;
+    let (_, v) = run(&s, &t, json!({"prompt": "hello"})).await;
+    let cost = v["cost_usd"].as_f64().unwrap();
+    assert_eq!(run(&s, &t, json!({"prompt": "@stub:crash"})).await.0, 502);
+    assert_eq!(get(&s, &t, &format!("/sessions/{id}")).await.0, 404);
+    s.state.metrics.sweeper_action("file_expired", 2);
+
+    assert_eq!(
+        get(&s, &t, "/metrics").await.0,
+        403,
+        "app tokens may not scrape"
+    );
+    assert_eq!(
+        s.req(Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let res = s.admin(Method::GET, "/metrics").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let samples = parse_exposition(&res.text().await.unwrap());
+
+    let runs = find(
+        &samples,
+        "clawdforge_http_requests_total",
+        &[("route", "/run"), ("method", "POST"), ("status", "200")],
+    )
+    .expect("requests by route template");
+    assert_eq!(runs.value, 1.0);
+    assert!(find(
+        &samples,
+        "clawdforge_http_requests_total",
+        &[("status", "502")]
+    )
+    .is_some());
+    assert!(
+        find(
+            &samples,
+            "clawdforge_http_requests_total",
+            &[("route", "unmatched"), ("status", "404")]
+        )
+        .is_some(),
+        "unknown paths share one label"
+    );
+    assert!(samples
+        .iter()
+        .all(|s| !s.labels.get("route").is_some_and(|r| r.contains("tok_"))));
+    let count = find(
+        &samples,
+        "clawdforge_run_duration_seconds_count",
+        &[("outcome", "ok")],
+    )
+    .unwrap();
+    assert_eq!(count.value, 1.0);
+    assert!(find(
+        &samples,
+        "clawdforge_run_duration_seconds_bucket",
+        &[("outcome", "error"), ("le", "+Inf")]
+    )
+    .is_some());
+    assert_eq!(
+        find(&samples, "clawdforge_processes_running", &[])
+            .unwrap()
+            .value,
+        0.0
+    );
+    assert_eq!(
+        find(&samples, "clawdforge_queue_depth", &[]).unwrap().value,
+        0.0
+    );
+    assert_eq!(
+        find(&samples, "clawdforge_cli_present", &[("cli", "claude")])
+            .unwrap()
+            .value,
+        1.0
+    );
+    assert_eq!(
+        find(&samples, "clawdforge_cli_logged_in", &[("cli", "claude")])
+            .unwrap()
+            .value,
+        1.0
+    );
+    assert_eq!(
+        find(
+            &samples,
+            "clawdforge_sweeper_actions_total",
+            &[("action", "file_expired")]
+        )
+        .unwrap()
+        .value,
+        2.0
+    );
+    let spent = find(
+        &samples,
+        "clawdforge_cost_usd_total",
+        &[("token_name", "scraped app"), ("token_id", &id)],
+    )
+    .unwrap();
+    assert!((spent.value - cost).abs() < 1e-9);
+    assert_eq!(
+        find(
+            &samples,
+            "clawdforge_agent_requests_total",
+            &[("token_id", &id)]
+        )
+        .unwrap()
+        .value,
+        2.0
+    );
+    assert!(
+        find(
+            &samples,
+            "clawdforge_llm_tokens_total",
+            &[("token_id", &id), ("direction", "output")]
+        )
+        .unwrap()
+        .value
+            > 0.0
+    );
+
+    let open = TestServer::start_with(|c| c.settings.metrics_open = true).await;
+    let res = open.req(Method::GET, "/metrics").send().await.unwrap();
+    assert_eq!(res.status(), 200, "open metrics need no bearer");
 }
