@@ -164,10 +164,11 @@ pub fn trim_before(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<usize>
 }
 
 /// A row as `GET /admin/audit` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AuditRow {
     pub id: i64,
     #[serde(serialize_with = "crate::util::ser_rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub at: i64,
     pub token_id: Option<String>,
     pub kind: String,

@@ -58,13 +58,14 @@ pub enum ApiError {
 }
 
 /// The error envelope, as sent.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// Always `false`.
     pub ok: bool,
     /// A sentence for people; never internal details.
     pub error: String,
     /// What clients switch on.
+    #[schema(value_type = crate::http::openapi::ErrorCode)]
     pub code: &'static str,
 }
 

@@ -18,17 +18,20 @@ const TOKEN_RANDOM_CHARS: usize = 43; // 43 * log2(62) = 256.1 bits
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// A token as stored, minus its hash.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TokenRecord {
     pub id: String,
     pub name: String,
     #[serde(flatten)]
     pub policy: Policy,
+    #[schema(value_type = String, format = DateTime)]
     #[serde(serialize_with = "crate::util::ser_rfc3339")]
     pub created_at: i64,
     #[serde(serialize_with = "crate::util::ser_opt_rfc3339")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub last_used_at: Option<i64>,
     #[serde(serialize_with = "crate::util::ser_opt_rfc3339")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub revoked_at: Option<i64>,
 }
 

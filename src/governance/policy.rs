@@ -12,7 +12,7 @@ use crate::config::SessionPermissions;
 
 /// A token's policy as stored and shown. `None` means no limit (for `default_model` and
 /// `session_permissions`: the server's setting).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Policy {
     /// Client CIDRs the token may be used from, on top of `ALLOW_CIDRS`; empty: any.
     pub ip_cidrs: Vec<String>,
@@ -24,8 +24,10 @@ pub struct Policy {
     pub rate_per_min: Option<u32>,
     pub allowed_models: Option<Vec<String>>,
     pub default_model: Option<String>,
+    #[schema(value_type = Option<String>, example = "approve-reads")]
     pub session_permissions: Option<SessionPermissions>,
     #[serde(serialize_with = "crate::util::ser_opt_rfc3339")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<i64>,
 }
 
@@ -197,35 +199,44 @@ where
 
 /// Policy fields as a mint or PATCH body carries them: omitted (`None`), `null`
 /// (`Some(None)`) or a value (`Some(Some(_))`). Unknown fields are refused.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyPatch {
     /// CIDRs the token may be used from (on top of ALLOW_CIDRS); null or [] = any.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<Vec<String>>)]
     pub ip_cidrs: Option<Option<Vec<Cidr>>>,
     /// Dollars per UTC day; spent >= budget answers 402.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<f64>)]
     pub budget_usd_per_day: Option<Option<Usd>>,
     /// Dollars per UTC calendar month.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<f64>)]
     pub budget_usd_per_month: Option<Option<Usd>>,
     /// Runs and turns in flight at once, 1..1000000.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u32>)]
     pub max_concurrent: Option<Option<Count>>,
     /// Runs and turns admitted per sliding minute, 1..1000000.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u32>)]
     pub rate_per_min: Option<Option<Count>>,
     /// Non-empty list of model names; null = any model.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<Vec<String>>)]
     pub allowed_models: Option<Option<ModelList>>,
     /// Model for requests naming none; must be in allowed_models.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
     pub default_model: Option<Option<ModelName>>,
     /// Approve-reads, approve-all or deny-all; null = CLAWDFORGE_SESSION_PERMISSIONS.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
     pub session_permissions: Option<Option<SessionPermissions>>,
     /// RFC 3339; from then on the token answers 401.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<Option<Rfc3339>>,
 }
 

@@ -70,7 +70,7 @@ pub fn month_start(day: &str) -> String {
 }
 
 /// Sums of a stretch of the ledger.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Totals {
     pub requests: i64,
     pub input_tokens: i64,
@@ -118,7 +118,7 @@ pub fn spent(conn: &Connection, token_id: &str, today: &str) -> rusqlite::Result
 }
 
 /// A group of the ledger: a day, a model, or a token.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Group {
     pub key: String,
     #[serde(flatten)]
@@ -158,7 +158,7 @@ pub enum By {
 }
 
 /// A ledger row as `GET /admin/usage` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct LedgerRow {
     pub token_id: String,
     /// The token's name (`null` if the token row is gone).

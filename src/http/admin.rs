@@ -52,7 +52,7 @@ pub fn parse_name(name: &str) -> ApiResult<String> {
     Ok(name.to_string())
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Minted {
     #[serde(flatten)]
     pub record: TokenRecord,
@@ -117,7 +117,7 @@ pub async fn rotate(
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TokenList {
     pub tokens: Vec<TokenRecord>,
 }
@@ -130,7 +130,7 @@ pub async fn list(
     Ok(ok(TokenList { tokens }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Revoked {
     pub id: String,
     pub revoked: bool,
@@ -159,7 +159,7 @@ pub struct AuditQuery {
     pub before: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AuditPage {
     pub rows: Vec<AuditRow>,
     pub next_before: Option<i64>,
@@ -199,7 +199,7 @@ pub struct UsageQuery {
     pub to: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UsageReport {
     pub from: String,
     pub to: String,

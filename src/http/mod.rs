@@ -5,6 +5,7 @@ pub mod admin;
 pub mod extract;
 pub mod health;
 pub mod metrics;
+pub mod openapi;
 pub mod params;
 pub mod runs;
 pub mod sessions;
@@ -97,6 +98,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sessions", get(sessions::list))
         .route("/usage", get(usage::usage))
         .route("/metrics", get(metrics::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .route_layer(middleware::from_fn(metrics::tag_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

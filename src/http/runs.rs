@@ -19,7 +19,7 @@ use crate::http::extract::{ApiJson, AppCaller};
 use crate::http::{ok, params};
 use crate::runner::{self, RunInput};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunBody {
     pub prompt: String,

@@ -12,7 +12,7 @@ use crate::governance::usage::{self, By, Totals};
 use crate::http::extract::AppCaller;
 use crate::http::ok;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DayUsage {
     /// `YYYY-MM-DD`, UTC.
     pub day: String,
@@ -20,7 +20,7 @@ pub struct DayUsage {
     pub totals: Totals,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct MonthUsage {
     /// `YYYY-MM`, UTC.
     pub month: String,
@@ -28,7 +28,7 @@ pub struct MonthUsage {
     pub totals: Totals,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelUsage {
     pub model: String,
     #[serde(flatten)]
@@ -36,7 +36,7 @@ pub struct ModelUsage {
 }
 
 /// The token's budgets and what is left of them (`null`: no such budget).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BudgetState {
     pub usd_per_day: Option<f64>,
     pub usd_per_month: Option<f64>,
@@ -44,7 +44,7 @@ pub struct BudgetState {
     pub remaining_this_month: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UsageSummary {
     pub token_id: String,
     pub today: DayUsage,

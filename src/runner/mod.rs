@@ -34,14 +34,14 @@ pub struct RunInput {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     pub input_tokens: i64,
     pub output_tokens: i64,
 }
 
 /// The body of a successful run (also the `result` event of a streamed one).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RunAnswer {
     pub run_id: String,
     /// The answer: JSON when it parses as JSON (a surrounding Markdown fence removed), else

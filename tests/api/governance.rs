@@ -1,6 +1,6 @@
 //! Governance (issue #7): token policy through the admin API and the CLI, the usage ledger
 //! and `/usage`, enforcement before spawning (budget, rate, concurrency, models, expiry,
-//! the CLI's usage limit), rotation and `/metrics`.
+//! the CLI's usage limit), rotation, `/metrics` and `/openapi.json`.
 
 use std::collections::BTreeMap;
 
@@ -848,4 +848,103 @@ async fn metrics_expose_the_series_and_need_the_admin_bearer() {
     let open = TestServer::start_with(|c| c.settings.metrics_open = true).await;
     let res = open.req(Method::GET, "/metrics").send().await.unwrap();
     assert_eq!(res.status(), 200, "open metrics need no bearer");
+}
+
+/// Every route of `shared/API.md`, as (method, path template).
+const API_ROUTES: &[(&str, &str)] = &[
+    ("get", "/healthz"),
+    ("post", "/run"),
+    ("post", "/files"),
+    ("get", "/files/{file_token}"),
+    ("delete", "/files/{file_token}"),
+    ("post", "/sessions"),
+    ("get", "/sessions"),
+    ("get", "/sessions/{id}"),
+    ("delete", "/sessions/{id}"),
+    ("post", "/sessions/{id}/turn"),
+    ("post", "/sessions/{id}/cancel"),
+    ("post", "/admin/tokens"),
+    ("get", "/admin/tokens"),
+    ("patch", "/admin/tokens/{id}"),
+    ("delete", "/admin/tokens/{id}"),
+    ("post", "/admin/tokens/{id}/rotate"),
+    ("get", "/admin/audit"),
+    ("get", "/admin/usage"),
+    ("get", "/usage"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+];
+
+/// Every error code of `shared/API.md`'s status table and the text beside it.
+const API_CODES: &[&str] = &[
+    "bad_request",
+    "unauthorized",
+    "budget_exhausted",
+    "forbidden",
+    "not_found",
+    "method_not_allowed",
+    "busy",
+    "session_closed",
+    "too_large",
+    "overloaded",
+    "rate_limited",
+    "usage_limit",
+    "upstream_error",
+    "output_too_large",
+    "timeout",
+];
+
+#[tokio::test]
+async fn openapi_documents_every_route_and_code() {
+    let s = TestServer::start().await;
+    let res = s.req(Method::GET, "/openapi.json").send().await.unwrap();
+    assert_eq!(res.status(), 200, "no token needed");
+    let doc: Value = res.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for (method, path) in API_ROUTES {
+        let op = &paths
+            .get(*path)
+            .unwrap_or_else(|| panic!("{path} is missing from /openapi.json"))[*method];
+        assert!(
+            op.is_object(),
+            "{} {path} is missing",
+            method.to_uppercase()
+        );
+        let responses = op["responses"].as_object().unwrap();
+        assert!(
+            responses.keys().any(|k| k.starts_with('2')),
+            "{method} {path}: no success answer"
+        );
+    }
+    let codes = &doc["components"]["schemas"]["ErrorCode"]["enum"];
+    for code in API_CODES {
+        assert!(codes.as_array().unwrap().contains(&json!(code)), "{code}");
+    }
+    // Errors are documented with their envelope; successes with `ok` added to the body.
+    let run = &paths["/run"]["post"]["responses"];
+    for status in ["400", "401", "402", "403", "413", "429", "502", "504"] {
+        assert_eq!(
+            run[status]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/ErrorBody",
+            "/run {status}"
+        );
+    }
+    let ok = &run["200"]["content"]["application/json"]["schema"]["allOf"];
+    assert_eq!(ok[0]["$ref"], "#/components/schemas/Envelope");
+    assert_eq!(ok[1]["$ref"], "#/components/schemas/RunAnswer");
+    assert!(run["200"]["content"]["text/event-stream"].is_object());
+    let mint = &doc["components"]["schemas"]["MintBody"];
+    assert_eq!(mint["required"], json!(["name"]));
+    assert!(
+        mint["properties"]["budget_usd_per_day"].is_object(),
+        "{mint}"
+    );
+    let token = &doc["components"]["schemas"]["TokenRecord"]["allOf"];
+    assert_eq!(token[0]["$ref"], "#/components/schemas/Policy", "{token}");
+    let policy = &doc["components"]["schemas"]["Policy"]["properties"];
+    for field in ["budget_usd_per_day", "session_permissions", "expires_at"] {
+        assert!(policy[field].is_object(), "{field}");
+    }
+    assert!(doc["components"]["securitySchemes"]["admin"].is_object());
 }
