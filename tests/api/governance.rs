@@ -311,6 +311,40 @@ async fn spent_budget_is_402_before_spawning() {
     );
 }
 
+/// The overspend bound: a run that waited in the queue while the budget was spent is
+/// refused once it gets its slot, before spawning; only work already running overspends.
+#[tokio::test]
+async fn queued_runs_recheck_the_budget_after_the_wait() {
+    let s = TestServer::start_with(|c| c.settings.max_concurrent = 1).await;
+    let (_, t) = s
+        .mint_with(json!({"name": "queued", "budget_usd_per_day": 0.000001}))
+        .await;
+    let send = |prompt: &str| {
+        let req = s
+            .app(&t, Method::POST, "/run")
+            .json(&json!({ "prompt": prompt }));
+        tokio::spawn(async move { body(req.send().await.unwrap()).await })
+    };
+    let first = send("@stub:sleep=1");
+    let slots = s.state.slots.clone();
+    eventually("the first run holds the only slot", || slots.running() == 1).await;
+    let second = send("second");
+    let slots = s.state.slots.clone();
+    eventually("the second run waits in line", || slots.queued() == 1).await;
+    assert_eq!(first.await.unwrap().0, 200);
+    let (st, v) = second.await.unwrap();
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (402, Some("budget_exhausted")),
+        "{v}"
+    );
+    assert_eq!(
+        records(&s.record_dir).len(),
+        1,
+        "the second run never spawned"
+    );
+}
+
 #[tokio::test]
 async fn rate_limit_is_429_with_retry_after() {
     let s = TestServer::start().await;
