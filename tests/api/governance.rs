@@ -10,6 +10,15 @@ use serde_json::{json, Value};
 use crate::harness::{body, eventually, TestServer};
 use crate::runs::{records, run};
 
+/// `POST /run`, answered as the raw response (for its headers).
+async fn post_run(s: &TestServer, token: &str, b: Value) -> reqwest::Response {
+    s.app(token, Method::POST, "/run")
+        .json(&b)
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn patch(s: &TestServer, id: &str, b: Value) -> (u16, Value) {
     body(
         s.admin(Method::PATCH, &format!("/admin/tokens/{id}"))
@@ -355,12 +364,7 @@ async fn rate_limit_is_429_with_retry_after() {
     for _ in 0..2 {
         assert_eq!(run(&s, &t, json!({"prompt": "hi"})).await.0, 200);
     }
-    let res = s
-        .app(&t, Method::POST, "/run")
-        .json(&json!({"prompt": "hi"}))
-        .send()
-        .await
-        .unwrap();
+    let res = post_run(&s, &t, json!({"prompt": "hi"})).await;
     let retry = retry_after(&res);
     assert!((1..=60).contains(&retry), "{retry}");
     let (st, v) = body(res).await;
@@ -390,12 +394,7 @@ async fn token_concurrency_is_429_overloaded() {
         state.governor.in_flight(&id2) == 1
     })
     .await;
-    let res = s
-        .app(&t, Method::POST, "/run")
-        .json(&json!({"prompt": "second"}))
-        .send()
-        .await
-        .unwrap();
+    let res = post_run(&s, &t, json!({"prompt": "second"})).await;
     assert_eq!(retry_after(&res), 1);
     let (st, v) = body(res).await;
     assert_eq!((st, v["code"].as_str()), (429, Some("overloaded")), "{v}");
@@ -536,12 +535,7 @@ async fn usage_limit_blocks_runs_until_reset_without_spawning() {
     assert_eq!((st, v["code"].as_str()), (429, Some("usage_limit")));
     let spawned = records(&s.record_dir).len();
     for token in [&t, &other] {
-        let res = s
-            .app(token, Method::POST, "/run")
-            .json(&json!({"prompt": "hello"}))
-            .send()
-            .await
-            .unwrap();
+        let res = post_run(&s, token, json!({"prompt": "hello"})).await;
         let retry = retry_after(&res);
         assert!((590..=600).contains(&retry), "{retry}");
         let (st, v) = body(res).await;
