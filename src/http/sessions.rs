@@ -50,10 +50,10 @@ pub async fn create(
     };
     let input = CreateInput {
         agent: body.agent.unwrap_or_else(|| "claude".into()),
-        model: params::model(&state, body.model)?,
+        model: params::model(&state, &caller.token, body.model)?,
         system: params::system(body.system)?,
     };
-    let s = sessions::create(&state, &caller.token.id, input).await?;
+    let s = sessions::create(&state, &caller.token, input).await?;
     Ok((
         StatusCode::CREATED,
         ok(Created {
@@ -144,7 +144,7 @@ pub async fn turn(
         timeout: params::timeout(&state, body.timeout_secs)?,
     };
     let streaming = params::wants_stream(body.stream, &headers);
-    let prepared = sessions::prepare_turn(&state, &caller.token.id, &id, input).await?;
+    let prepared = sessions::prepare_turn(&state, &caller.token, &id, input).await?;
     if streaming {
         return Ok(stream_answer("acp", move |tx| {
             sessions::execute_turn(prepared, Some(tx), Default::default())

@@ -46,7 +46,7 @@ pub struct Warm {
     generation: u64,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct PoolStats {
     /// Processes the pool may keep (`CLAWDFORGE_WARM_POOL`).
     pub size: usize,
@@ -287,16 +287,18 @@ impl WarmPool {
         self.refill();
     }
 
-    /// Kills every idle process (shutdown).
-    pub fn clear(&self) {
+    /// Stops every idle process and waits until they are gone (shutdown).
+    pub async fn shutdown(&self) {
         let idle = self
             .inner
             .lock()
             .map(|mut i| std::mem::take(&mut i.idle))
             .unwrap_or_default();
-        for w in idle {
+        futures_util::future::join_all(idle.into_iter().map(|mut w| async move {
+            w.proc.terminate().await;
             crate::process::remove_dir(&w.dir);
-        }
+        }))
+        .await;
     }
 
     /// Recycles idle processes past their idle life, waking when the oldest expires.
@@ -329,7 +331,7 @@ impl WarmPool {
                     _ = tokio::time::sleep(next.max(Duration::from_millis(50))) => pool.refill(),
                 }
             }
-            pool.clear();
+            pool.shutdown().await;
         });
     }
 }

@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_audit_warm.sql"),
     include_str!("migrations/0003_sessions.sql"),
+    include_str!("migrations/0004_governance.sql"),
 ];
 
 /// How long a connection waits for a lock held by another connection (or process, such as

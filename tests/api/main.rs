@@ -7,6 +7,7 @@ mod binary;
 mod fake_upstream;
 mod files;
 mod foundation;
+mod governance;
 // Not every test module uses every helper.
 #[allow(dead_code)]
 mod harness;
