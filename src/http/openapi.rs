@@ -2,9 +2,8 @@
 //! response types (`ToSchema` on the real structs) and from the operations declared below.
 //!
 //! The operations are declared on documentation-only functions, one per route, so that one
-//! file lists the whole contract and handlers stay thin. Routes that other branches are
-//! building (files, sessions) are documented here from `API.md` with mirror types
-//! (`FileUploaded`, `SessionCreated`, ...); when their real types land, swap them in.
+//! file lists the whole contract and handlers stay thin; their bodies are the handlers'
+//! real request and response types.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -14,14 +13,18 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use crate::audit::AuditRow;
 use crate::auth::tokens::TokenRecord;
 use crate::error::ErrorBody;
+use crate::files::FileRecord;
 use crate::governance::policy::{Policy, PolicyPatch};
 use crate::governance::usage::{LedgerRow, Totals};
 use crate::http::admin::{AuditPage, Minted, Revoked, TokenList, UsageReport};
+use crate::http::files::UploadAnswer;
 use crate::http::health::Health;
 use crate::http::runs::RunBody;
+use crate::http::sessions::{Cancelled, CreateBody, Created, SessionList, TurnBody};
 use crate::http::usage::{BudgetState, DayUsage, ModelUsage, MonthUsage, UsageSummary};
-use crate::runner::{RunAnswer, Usage};
+use crate::runner::RunAnswer;
 use crate::sessions::store::SessionRecord;
+use crate::sessions::TurnAnswer;
 
 /// Every `code` an error answer can carry (see `ApiError::code`).
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
@@ -66,7 +69,7 @@ pub struct MintBody {
     pub name: String,
 }
 
-// ---- Mirrors of API.md for routes built on other branches --------------------------------
+// ---- Multipart upload form (documentation only: the handler streams it) ---------------
 
 /// `POST /files` (multipart).
 #[derive(Debug, Deserialize, ToSchema)]
@@ -75,85 +78,6 @@ pub struct UploadForm {
     pub file: Vec<u8>,
     /// 60..86400, default 3600.
     pub ttl_secs: Option<u64>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct FileUploaded {
-    pub file_token: String,
-    pub ttl_secs: u64,
-    pub size: u64,
-    pub sha256: String,
-    pub filename: String,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct FileInfo {
-    pub file_token: String,
-    /// As uploaded.
-    pub filename: String,
-    /// Sanitised: the name in run and session dirs.
-    pub stored_name: String,
-    pub size: u64,
-    pub sha256: String,
-    #[schema(format = DateTime)]
-    pub created_at: String,
-    #[schema(format = DateTime)]
-    pub expires_at: String,
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SessionBody {
-    /// Default `claude`; one of `CLAWDFORGE_AGENTS`.
-    pub agent: Option<String>,
-    pub model: Option<String>,
-    pub system: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct SessionCreated {
-    pub session_id: String,
-    pub agent: String,
-    pub model: String,
-    /// `open`.
-    pub status: String,
-    #[schema(format = DateTime)]
-    pub created_at: String,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct SessionList {
-    /// Newest first.
-    pub sessions: Vec<SessionRecord>,
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct TurnBody {
-    pub prompt: String,
-    pub files: Option<Vec<String>>,
-    pub timeout_secs: Option<u64>,
-    pub stream: Option<bool>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct TurnAnswer {
-    pub session_id: String,
-    /// Counts from 1.
-    pub turn_index: u64,
-    /// The ACP JSON-RPC objects of the turn.
-    pub events: Vec<Value>,
-    /// The agent's message chunks joined.
-    pub text: String,
-    /// `end_turn`, `cancelled`, `max_tokens`, ...
-    pub stop_reason: String,
-    pub duration_ms: u64,
-    pub usage: Usage,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Cancelled {
-    pub cancelled: bool,
 }
 
 // ---- Operations ------------------------------------------------------------------------
@@ -179,14 +103,14 @@ pub fn run() {}
 
 #[utoipa::path(post, path = "/files", tag = "files", security(("app" = [])),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
-    responses((status = 201, body = FileUploaded), (status = 400, body = ErrorBody),
+    responses((status = 201, body = UploadAnswer), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 507, body = ErrorBody)))]
 pub fn upload_file() {}
 
 #[utoipa::path(get, path = "/files/{file_token}", tag = "files", security(("app" = [])),
     params(("file_token" = String, Path)),
-    responses((status = 200, body = FileInfo), (status = 401, body = ErrorBody),
+    responses((status = 200, body = FileRecord), (status = 401, body = ErrorBody),
         (status = 404, description = "unknown, expired or another token's", body = ErrorBody)))]
 pub fn get_file() {}
 
@@ -197,8 +121,8 @@ pub fn get_file() {}
 pub fn delete_file() {}
 
 #[utoipa::path(post, path = "/sessions", tag = "sessions", security(("app" = [])),
-    request_body = SessionBody,
-    responses((status = 201, body = SessionCreated), (status = 400, body = ErrorBody),
+    request_body = CreateBody,
+    responses((status = 201, body = Created), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 402, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 429, body = ErrorBody),
         (status = 502, body = ErrorBody)))]

@@ -48,7 +48,7 @@ pub struct TurnInput {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TurnUsage {
     pub input_tokens: i64,
     pub output_tokens: i64,
@@ -58,10 +58,14 @@ pub struct TurnUsage {
 }
 
 /// The body of a finished turn (also the `result` event of a streamed one).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TurnAnswer {
     pub session_id: String,
+    /// Counts from 1.
     pub turn_index: i64,
+    /// The turn's ACP JSON-RPC messages (the repeated `available_commands_update`
+    /// notifications left out).
+    #[schema(value_type = Vec<Object>)]
     pub events: Vec<Value>,
     pub text: String,
     pub stop_reason: String,
