@@ -207,7 +207,7 @@ async fn cli_failures_map_to_upstream_errors() {
 }
 
 /// Pids the stub recorded for its grandchildren.
-fn grandchildren(dir: &Path) -> Vec<i32> {
+pub fn grandchildren(dir: &Path) -> Vec<i32> {
     std::fs::read_dir(dir)
         .unwrap()
         .flatten()
