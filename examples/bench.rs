@@ -344,7 +344,7 @@ async fn real_claude_rows(table: &mut Table) {
             via(cl.clone(), u.clone(), t.clone(), "ping".into())
         })
         .await;
-        // Warm rows: wait for the pool to be full between requests' bursts, as a steady
+        // Warm rows: wait for the pool to be full and settled between bursts, as a steady
         // trickle of requests would find it.
         let mut w = Stats::default();
         for _ in 0..(total / conc) {
@@ -353,6 +353,9 @@ async fn real_claude_rows(table: &mut Table) {
                 assert!(Instant::now() < deadline, "the warm pool did not refill");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            // A spawned process needs ~0.6 s (more with four at once on two cores) before
+            // it is really warm; requests arriving at a steady trickle find it so.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
             let (cl, u, t) = (client.clone(), warm.url.clone(), wt.clone());
             let burst = measure(conc, conc, move |_| {
                 via(cl.clone(), u.clone(), t.clone(), "ping".into())
