@@ -87,7 +87,9 @@ fn shorten(name: String) -> String {
     while !stem.is_char_boundary(end) {
         end -= 1;
     }
-    let stem = stem[..end].trim_end_matches([' ', '.']);
+    // Whatever whitespace the cut exposes goes too (not only ASCII spaces: U+2007 and the
+    // like), so the result has no surrounding whitespace and sanitising it again is a no-op.
+    let stem = stem[..end].trim_end_matches(|c: char| c == '.' || c.is_whitespace());
     if stem.is_empty() {
         return FALLBACK.to_string();
     }
@@ -190,6 +192,20 @@ mod tests {
         // Cutting does not leave a stem ending in dots or spaces.
         let s = sanitize(&format!("{}{}.txt", "x".repeat(110), " .".repeat(20)));
         assert_eq!(s, format!("{}.txt", "x".repeat(110)));
+    }
+
+    #[test]
+    fn a_cut_never_ends_in_whitespace_and_sanitising_twice_changes_nothing() {
+        // Found by fuzz/fuzz_targets/filename.rs: a cut right after a figure space (U+2007)
+        // left it at the end, and a second pass trimmed it.
+        let long = format!("{}\u{2007}{}", "x".repeat(117), "y".repeat(50));
+        let s = sanitize(&long);
+        assert_eq!(s, "x".repeat(117));
+        assert_eq!(sanitize(&s), s);
+        let with_ext = format!("{}\u{3000}{}.txt", "x".repeat(110), "y".repeat(50));
+        let s = sanitize(&with_ext);
+        assert!(s.trim() == s && s.ends_with(".txt"), "{s:?}");
+        assert_eq!(sanitize(&s), s);
     }
 
     #[test]

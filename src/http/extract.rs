@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -25,8 +25,14 @@ use crate::util::now_ms;
 pub struct ClientIp(pub IpAddr);
 
 fn bearer(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
+    bearer_from_header(parts.headers.get(header::AUTHORIZATION)?)
+}
+
+/// The credentials of an `Authorization: Bearer <credentials>` value (scheme matched
+/// without regard to case, surrounding whitespace removed); `None` for another scheme, an
+/// empty credential or a value that is not visible ASCII.
+pub fn bearer_from_header(value: &HeaderValue) -> Option<&str> {
+    let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;
     }

@@ -63,6 +63,10 @@ pub(crate) struct AuditGuard {
     done: bool,
 }
 
+/// How often, and how many times, a row that could not be closed is tried again.
+const CLOSE_RETRY_EVERY: Duration = Duration::from_secs(1);
+const CLOSE_RETRIES: u32 = 300;
+
 impl AuditGuard {
     pub(crate) fn new(state: Arc<AppState>, id: i64) -> AuditGuard {
         AuditGuard {
@@ -72,17 +76,48 @@ impl AuditGuard {
         }
     }
 
-    pub(crate) async fn complete(&mut self, c: Completion) {
+    /// Closes the row. The answer must not leave as if recorded when it was not (a full
+    /// disk): then the error comes back for the caller to answer instead, and the row is
+    /// closed in the background once the database takes writes again; should that not
+    /// happen before a restart, start-up marks it abandoned.
+    pub(crate) async fn complete(&mut self, c: Completion) -> Result<(), ApiError> {
         self.done = true;
         let id = self.id;
-        if let Err(e) = self
+        let first = c.clone();
+        let Err(e) = self
             .state
             .db
-            .write(move |conn| audit::complete(conn, id, &c))
+            .write(move |conn| audit::complete(conn, id, &first))
             .await
-        {
-            tracing::error!(error = %e, "could not close an audit row");
+        else {
+            return Ok(());
+        };
+        tracing::error!(error = %e, "could not close an audit row; retrying in the background");
+        let err = ApiError::from(e);
+        let mut later = c;
+        if later.outcome == Some(Outcome::Ok) {
+            // The work was done (and paid for) but its answer never left.
+            later.outcome = Some(Outcome::Error);
+            later.detail = Some(err.code().into());
         }
+        let (db, shutdown) = (self.state.db.clone(), self.state.shutdown.clone());
+        tokio::spawn(async move {
+            for _ in 0..CLOSE_RETRIES {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(CLOSE_RETRY_EVERY) => {}
+                }
+                let c = later.clone();
+                if db
+                    .write(move |conn| audit::complete(conn, id, &c))
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+        });
+        Err(err)
     }
 }
 
@@ -242,7 +277,8 @@ pub(crate) async fn spawn_with_prompt(
         Err(e) => {
             tracing::error!(error = %e, %program, "could not start the agent");
             let err = ApiError::Upstream("the agent could not be started".into());
-            audit
+            // The failure to start says more than a failure to record it.
+            let _ = audit
                 .complete(Completion {
                     outcome: Some(Outcome::Error),
                     detail: Some(err.code().into()),
@@ -429,7 +465,7 @@ pub async fn execute(
             ..Default::default()
         },
     };
-    p.audit.complete(completion).await;
+    let recorded = p.audit.complete(completion).await;
     state
         .metrics
         .observe_run(outcome.as_str(), started.elapsed());
@@ -440,7 +476,9 @@ pub async fn execute(
         // The login went away: warm processes started under it would fail the same way.
         state.warm.invalidate();
     }
+    // A failed run answers its own error, which says more than a failure to record it.
     let r = judged?;
+    recorded?;
     Ok(RunAnswer {
         run_id: p.run_id.clone(),
         result: parse::answer_value(r.text.as_deref().unwrap_or("")),

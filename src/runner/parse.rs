@@ -86,7 +86,8 @@ pub fn usage_limit(text: &str, now_secs: i64) -> Option<ApiError> {
         .next()
         .and_then(|s| s.trim().parse::<i64>().ok());
     let retry_after_secs = match reset {
-        Some(at) if at > now_secs => (at - now_secs) as u64,
+        // abs_diff: no overflow even for a reset time and a clock far apart.
+        Some(at) if at > now_secs => at.abs_diff(now_secs),
         // No reset time given: a conservative hint rather than an immediate retry storm.
         _ => 60,
     };
@@ -235,5 +236,12 @@ mod tests {
             }
         ));
         assert!(usage_limit("all good", 0).is_none());
+        // Found by fuzz/fuzz_targets/result_parser.rs: a far reset time against an extreme
+        // clock overflowed the subtraction.
+        let e = usage_limit("Claude AI usage limit reached|1763740800", i64::MIN).unwrap();
+        assert!(matches!(
+            e,
+            ApiError::UsageLimit { retry_after_secs, .. } if retry_after_secs == 1_763_740_800u64 + (1u64 << 63)
+        ));
     }
 }

@@ -292,7 +292,18 @@ pub async fn create(
         busy: false,
     };
     let row = record.clone();
-    state.db.write(move |c| store::insert(c, &row)).await?;
+    if let Err(e) = state.db.write(move |c| store::insert(c, &row)).await {
+        // A session without a row (a full disk) is nobody's: acpx closes it, and its queue
+        // owner, records and dir go now rather than linger.
+        let _ = acpx::control(state, &t, t.close_args(), CLOSE_LIMIT).await;
+        let record_id = record.acpx_record_id.as_deref();
+        if let (Some(home), Some(record_id)) = (state.home(), record_id) {
+            acpx::stop_queue_owner(&home, record_id).await;
+        }
+        acpx::delete_records(&state.config, record_id, &cwd);
+        crate::process::remove_dir(&cwd);
+        return Err(e.into());
+    }
     Ok(record)
 }
 

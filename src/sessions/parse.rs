@@ -180,7 +180,9 @@ impl TurnLog {
         };
         // Rounded to micro-dollars: the difference of two floats is otherwise noisy.
         let cost = ((last - baseline).max(0.0) * 1e6).round() / 1e6;
-        (Some(cost), last)
+        // Absurd amounts (an agent reporting ±1e308) overflow to infinity, which would
+        // answer as JSON null and poison every sum over the audit log: no cost instead.
+        (cost.is_finite().then_some(cost), last)
     }
 }
 
@@ -290,5 +292,28 @@ mod tests {
             ],
         );
         assert_eq!(log.error.unwrap().acpx_code.as_deref(), Some("NO_SESSION"));
+    }
+
+    #[test]
+    fn absurd_costs_give_no_turn_cost_rather_than_infinity() {
+        // The acp_lines fuzz target's property, on an input kept as
+        // fuzz/corpus/acp_lines/seed-regression-infinite-cost.
+        let mut log = TurnLog::default();
+        feed(
+            &mut log,
+            &[
+                json!({"jsonrpc":"2.0","id":2,"method":"session/prompt","params":{"sessionId":"s","prompt":[]}}),
+                update(
+                    json!({"sessionUpdate":"usage_update","cost":{"amount":-1.7e308,"currency":"USD"}}),
+                ),
+                update(
+                    json!({"sessionUpdate":"agent_message_chunk","content":{"type":"text","text":"hi"}}),
+                ),
+                update(
+                    json!({"sessionUpdate":"usage_update","cost":{"amount":1.7e308,"currency":"USD"}}),
+                ),
+            ],
+        );
+        assert_eq!(log.cost(0.0), (None, 1.7e308));
     }
 }

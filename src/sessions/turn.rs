@@ -193,7 +193,7 @@ pub async fn execute_turn(
     let (Some(turn_index), Some(_slot)) = (begun, slot) else {
         // Closed, or stopped while it waited for a slot: nothing was started.
         let cancelled = begun.is_some() && claim.stop.stopped().await == StopWhy::Cancel;
-        audit
+        let recorded = audit
             .complete(Completion {
                 outcome: Some(Outcome::Cancelled),
                 detail: (!cancelled).then(|| "session_closed".into()),
@@ -202,7 +202,7 @@ pub async fn execute_turn(
             .await;
         drop(claim);
         return match begun {
-            Some(turn_index) if cancelled => Ok(TurnAnswer {
+            Some(turn_index) if cancelled => recorded.map(|()| TurnAnswer {
                 session_id: sid,
                 turn_index,
                 events: Vec::new(),
@@ -313,7 +313,7 @@ pub async fn execute_turn(
     let result = log.result.clone();
     let tokens = |f: fn(&super::parse::PromptResult) -> Option<i64>| result.as_ref().and_then(f);
     let text = log.text().to_string();
-    audit
+    let recorded = audit
         .complete(Completion {
             outcome: Some(outcome),
             response_chars: Some(text.chars().count() as i64),
@@ -333,7 +333,9 @@ pub async fn execute_turn(
     }
     // Free the session before the answer leaves, so a client's next turn is never `busy`.
     drop(claim);
+    // A failed turn answers its own error, which says more than a failure to record it.
     let stop_reason = judged?;
+    recorded?;
     Ok(TurnAnswer {
         session_id: sid,
         turn_index,

@@ -223,9 +223,15 @@ pub fn serve(data: &Path, extra: &[(&str, &str)]) -> Served {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut early = Vec::new();
     let url = loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("server did not start");
+        let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => line,
+            Err(e) => {
+                // Not left running behind a failed test.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server did not start: {e}; it logged: {early:?}");
+            }
+        };
         early.push(line.clone());
         if let Some(i) = line.find("127.0.0.1:") {
             if line.contains("listening") {
