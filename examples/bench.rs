@@ -344,13 +344,18 @@ async fn real_claude_rows(table: &mut Table) {
             via(cl.clone(), u.clone(), t.clone(), "ping".into())
         })
         .await;
-        // Warm rows: wait for the pool to be full between requests' bursts, as a steady
+        // Warm rows: wait for the pool to be full and settled between bursts, as a steady
         // trickle of requests would find it.
         let mut w = Stats::default();
         for _ in 0..(total / conc) {
+            let deadline = Instant::now() + Duration::from_secs(60);
             while warm.warm_idle(&client).await < 4 {
+                assert!(Instant::now() < deadline, "the warm pool did not refill");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            // A spawned process needs ~0.6 s (more with four at once on two cores) before
+            // it is really warm; requests arriving at a steady trickle find it so.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
             let (cl, u, t) = (client.clone(), warm.url.clone(), wt.clone());
             let burst = measure(conc, conc, move |_| {
                 via(cl.clone(), u.clone(), t.clone(), "ping".into())
@@ -449,6 +454,192 @@ async fn stub_rows(table: &mut Table) {
     );
 }
 
+/// One acpx prompt run directly, the way a caller without the broker would (warm: the
+/// session's queue owner is alive).
+async fn acpx_direct_turn(acpx: PathBuf, env: Vec<(String, String)>, cwd: PathBuf, name: String) {
+    let mut child = tokio::process::Command::new(&acpx)
+        .args([
+            "--format",
+            "json",
+            "--approve-reads",
+            "--non-interactive-permissions",
+            "deny",
+            "--ttl",
+            "600",
+            "--cwd",
+        ])
+        .arg(&cwd)
+        .args(["claude", "prompt", "-s", &name, "-f", "-"])
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"ping")
+        .await
+        .unwrap();
+    drop(stdin);
+    assert!(child.wait().await.unwrap().success());
+}
+
+async fn session_rows(table: &mut Table) {
+    let bin = repo().join(".agents/node_modules/.bin");
+    if !bin.join("acpx").exists() {
+        table.note(
+            "sessions",
+            "skipped: run scripts/install-agents.sh",
+            String::new(),
+        );
+        return;
+    }
+    let n = env_usize("BENCH_TURN_N", 5);
+    let fake = FakeUpstream::start().await;
+    fake.set_default_reply(Reply::text("pong"));
+    let home = tempfile::tempdir().unwrap();
+    let mut env = fake.child_env(&home.path().join("claude-config"));
+    env.push(("HOME".into(), home.path().display().to_string()));
+    env.push((
+        "PATH".into(),
+        format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    ));
+    let client = reqwest::Client::new();
+    let server = Server::start(
+        &bin.join("claude"),
+        &env,
+        &[
+            ("ACPX_BIN", bin.join("acpx").display().to_string()),
+            ("CLAWDFORGE_WARM_POOL", "0".into()),
+        ],
+    );
+    let token = server.mint(&client).await;
+    let turn = |sid: String| {
+        let (client, url, token) = (client.clone(), server.url.clone(), token.clone());
+        async move {
+            let res = client
+                .post(format!("{url}/sessions/{sid}/turn"))
+                .bearer_auth(token)
+                .json(&json!({"prompt": "ping"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                res.status(),
+                200,
+                "{}",
+                res.text().await.unwrap_or_default()
+            );
+        }
+    };
+    let (mut create, mut cold, mut warm) = (Stats::default(), Stats::default(), Stats::default());
+    for _ in 0..2 {
+        let t = Instant::now();
+        let v: Value = client
+            .post(format!("{}/sessions", server.url))
+            .bearer_auth(&token)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        create.ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        let sid = v["session_id"].as_str().unwrap().to_string();
+        let t = Instant::now();
+        turn(sid.clone()).await;
+        cold.ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        for _ in 0..n {
+            let t = Instant::now();
+            turn(sid.clone()).await;
+            warm.ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        client
+            .delete(format!("{}/sessions/{sid}", server.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+    }
+    // The same warm turn, calling acpx directly.
+    let cwd = tempfile::tempdir().unwrap();
+    let name = "bench-direct".to_string();
+    let acpx = bin.join("acpx");
+    let status = tokio::process::Command::new(&acpx)
+        .args(["--format", "json", "--cwd"])
+        .arg(cwd.path())
+        .args(["claude", "sessions", "ensure", "--name", &name])
+        .env_clear()
+        .envs(env.clone())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    acpx_direct_turn(
+        acpx.clone(),
+        env.clone(),
+        cwd.path().to_path_buf(),
+        name.clone(),
+    )
+    .await;
+    let (a, e, c, nm) = (
+        acpx.clone(),
+        env.clone(),
+        cwd.path().to_path_buf(),
+        name.clone(),
+    );
+    let direct = measure(n * 2, 1, move |_| {
+        acpx_direct_turn(a.clone(), e.clone(), c.clone(), nm.clone())
+    })
+    .await;
+    let _ = tokio::process::Command::new(&acpx)
+        .args(["--format", "json", "--cwd"])
+        .arg(cwd.path())
+        .args(["claude", "sessions", "close", &name])
+        .env_clear()
+        .envs(env.clone())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    table.row(
+        "sessions (real acpx)",
+        "acpx prompt directly, warm",
+        1,
+        &direct,
+        None,
+    );
+    table.row(
+        "sessions (real acpx)",
+        "POST /sessions (create)",
+        1,
+        &create,
+        None,
+    );
+    table.row(
+        "sessions (real acpx)",
+        "first turn (agent cold)",
+        1,
+        &cold,
+        None,
+    );
+    table.row(
+        "sessions (real acpx)",
+        "later turns (agent warm)",
+        1,
+        &warm,
+        Some(&direct),
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let mut table = Table(Vec::new());
@@ -458,6 +649,9 @@ async fn main() {
     }
     if only.is_empty() || only == "real" {
         real_claude_rows(&mut table).await;
+    }
+    if only.is_empty() || only == "sessions" {
+        session_rows(&mut table).await;
     }
     table.print();
 }

@@ -35,3 +35,6 @@ if command -v wrk >/dev/null 2>&1; then
   echo "| GET /sessions, no token (401) | $(rps "http://127.0.0.1:$port/sessions") |"
   echo "| GET /sessions, app token | $(rps -H "Authorization: Bearer $token" "http://127.0.0.1:$port/sessions") |"
 fi
+
+echo
+scripts/bench-upload.sh 1G

@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::tokens;
 use crate::auth::AllowList;
 use crate::config::Config;
+use crate::governance::Governor;
 use crate::http::extract::{admin_digest, LastUsed};
+use crate::metrics::Metrics;
 use crate::probe::Probes;
 use crate::runner::warm::WarmPool;
 use crate::sessions::SessionManager;
@@ -47,6 +49,9 @@ pub struct AppState {
     pub sweeping: tokio::sync::Mutex<()>,
     /// Pre-started claude processes for /run.
     pub warm: Arc<WarmPool>,
+    /// Per-token admission (concurrency, rate) and the usage-limit block; see `governance`.
+    pub governor: Governor,
+    pub metrics: Metrics,
 }
 
 impl AppState {
@@ -140,8 +145,15 @@ impl App {
 
         let warm = WarmPool::new(config.clone(), db.clone(), shutdown.clone());
         warm.spawn_keeper(probes.subscribe());
+        let slots = Slots::new(
+            config.settings.max_concurrent as usize,
+            config.settings.max_queue as usize,
+            Duration::from_secs(config.settings.queue_timeout_secs),
+        );
         let state = Arc::new(AppState {
             warm,
+            metrics: Metrics::new(slots.clone(), probes.clone()),
+            governor: Governor::default(),
             allow_cidrs: AllowList(config.settings.allow_cidrs.clone()),
             trusted_proxies: AllowList(config.settings.trusted_proxies.clone()),
             admin_digest: config
@@ -149,11 +161,7 @@ impl App {
                 .admin_bootstrap_token
                 .as_deref()
                 .map(admin_digest),
-            slots: Slots::new(
-                config.settings.max_concurrent as usize,
-                config.settings.max_queue as usize,
-                Duration::from_secs(config.settings.queue_timeout_secs),
-            ),
+            slots,
             config,
             db,
             probes,
@@ -210,6 +218,7 @@ impl App {
         }
         state.shutdown.cancel();
         sweeper.stop().await;
+        state.warm.shutdown().await;
         flush_last_used(&state).await;
         state.db.clone().close().await;
         Ok(())

@@ -2,9 +2,10 @@
 //! turns open their row before the agent starts (outcome `running`) and close it before the
 //! answer is sent; a row still `running` after a crash is marked `abandoned` at start-up.
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
+use crate::governance::usage::{self, UsageEvent};
 use crate::util::now_ms;
 
 /// Outcomes as stored. `Running` only exists while work is in flight.
@@ -102,14 +103,26 @@ pub fn insert(conn: &Connection, e: &AuditEntry) -> rusqlite::Result<i64> {
     Ok(conn.last_insert_rowid())
 }
 
-pub fn complete(conn: &Connection, id: i64, c: &Completion) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare_cached(
+/// Closes a run's or turn's row and, the first time it leaves `running`, adds its cost and
+/// tokens to the usage ledger (`governance::usage`) in the same savepoint: a crash between
+/// the two would otherwise leave work that cost money but never counted against a budget.
+/// Usage is dated by when the work finished (UTC), which is when its cost became known.
+pub fn complete(conn: &mut Connection, id: i64, c: &Completion) -> rusqlite::Result<()> {
+    let sp = conn.savepoint()?;
+    let before: Option<(String, Option<String>, String, Option<String>)> = sp
+        .query_row(
+            "SELECT outcome, token_id, kind, model FROM audit WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    sp.prepare_cached(
         "UPDATE audit SET outcome = ?2, response_chars = ?3, duration_ms = ?4, exit_code = ?5,
                 input_tokens = ?6, output_tokens = ?7, cost_usd = ?8,
                 detail = coalesce(?9, detail)
          WHERE id = ?1",
-    )?;
-    stmt.execute(params![
+    )?
+    .execute(params![
         id,
         c.outcome.unwrap_or(Outcome::Ok).as_str(),
         c.response_chars,
@@ -120,7 +133,23 @@ pub fn complete(conn: &Connection, id: i64, c: &Completion) -> rusqlite::Result<
         c.cost_usd,
         c.detail,
     ])?;
-    Ok(())
+    if let Some((outcome, Some(token_id), kind, model)) = before {
+        let metered = matches!(kind.as_str(), "run" | "turn");
+        if metered && outcome == Outcome::Running.as_str() && c.outcome != Some(Outcome::Running) {
+            usage::record(
+                &sp,
+                &UsageEvent {
+                    token_id: &token_id,
+                    model: model.as_deref().unwrap_or("unknown"),
+                    day: &usage::day_of(now_ms()),
+                    cost_usd: c.cost_usd.unwrap_or(0.0),
+                    input_tokens: c.input_tokens.unwrap_or(0),
+                    output_tokens: c.output_tokens.unwrap_or(0),
+                },
+            )?;
+        }
+    }
+    sp.commit()
 }
 
 /// Marks every row still `running` as `abandoned`: called at start-up, when nothing of the
@@ -138,10 +167,11 @@ pub fn trim_before(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<usize>
 }
 
 /// A row as `GET /admin/audit` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AuditRow {
     pub id: i64,
     #[serde(serialize_with = "crate::util::ser_rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub at: i64,
     pub token_id: Option<String>,
     pub kind: String,

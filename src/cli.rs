@@ -4,8 +4,9 @@ use std::io::Write;
 
 use anyhow::Context;
 
-use crate::auth::tokens;
+use crate::auth::tokens::{self, Rotation};
 use crate::config::{Config, TokensCommand};
+use crate::governance::policy::Policy;
 use crate::store;
 
 pub fn tokens(config: &Config, cmd: TokensCommand) -> anyhow::Result<()> {
@@ -15,22 +16,28 @@ pub fn tokens(config: &Config, cmd: TokensCommand) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open {}", config.db_path.display()))?;
     let mut out = std::io::stdout().lock();
     match cmd {
-        TokensCommand::Mint { name, cidrs, json } => {
+        TokensCommand::Mint {
+            name,
+            cidrs,
+            policy,
+            json,
+        } => {
             let name = crate::http::admin::parse_name(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let cidrs: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
-            let (record, token) = tokens::mint(&mut conn, &name, &cidrs, "cli")?;
-            if json {
-                let mut v = serde_json::to_value(&record)?;
-                v["token"] = serde_json::Value::String(token);
-                writeln!(out, "{v}")?;
-            } else {
-                writeln!(out, "{token}")?;
-                eprintln!(
-                    "minted {} ({}); the token above is shown only once",
-                    record.id, record.name
-                );
-            }
+            let mut p = Policy::default();
+            policy
+                .into_patch(cidrs)
+                .apply(&mut p)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (record, token) = tokens::mint(&mut conn, &name, &p, "cli")?;
+            print_secret(&mut out, &record, token, json, "minted")?;
         }
+        TokensCommand::Rotate { id, json } => match tokens::rotate(&mut conn, &id, "cli")? {
+            Rotation::Rotated(record, token) => {
+                print_secret(&mut out, &record, token, json, "rotated")?
+            }
+            Rotation::Revoked => anyhow::bail!("{id} is revoked; mint a new token instead"),
+            Rotation::Missing => anyhow::bail!("no token with id {id}"),
+        },
         TokensCommand::List { json } => {
             let list = tokens::list(&conn)?;
             if json {
@@ -50,7 +57,7 @@ pub fn tokens(config: &Config, cmd: TokensCommand) -> anyhow::Result<()> {
                         tokens::show_time(Some(t.created_at)),
                         tokens::show_time(t.last_used_at),
                         tokens::show_time(t.revoked_at),
-                        t.ip_cidrs.join(",")
+                        t.policy.ip_cidrs.join(",")
                     )?;
                 }
             }
@@ -59,6 +66,28 @@ pub fn tokens(config: &Config, cmd: TokensCommand) -> anyhow::Result<()> {
             Some(_) => writeln!(out, "revoked {id}")?,
             None => anyhow::bail!("no token with id {id}"),
         },
+    }
+    Ok(())
+}
+
+/// Prints a new plaintext once: bare (details on stderr) or inside the record's JSON.
+fn print_secret(
+    out: &mut impl Write,
+    record: &tokens::TokenRecord,
+    token: String,
+    json: bool,
+    what: &str,
+) -> anyhow::Result<()> {
+    if json {
+        let mut v = serde_json::to_value(record)?;
+        v["token"] = serde_json::Value::String(token);
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out, "{token}")?;
+        eprintln!(
+            "{what} {} ({}); the token above is shown only once",
+            record.id, record.name
+        );
     }
     Ok(())
 }

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnetwork::IpNetwork;
 
+use crate::governance::policy::{Cidr, Count, ModelList, ModelName, PolicyPatch, Rfc3339, Usd};
+
 /// The command line: settings are global, so `serve --help`, `doctor --help` and the
 /// bare `--help` all list every one of them with its env name.
 #[derive(Debug, Parser)]
@@ -54,6 +56,17 @@ pub enum TokensCommand {
         /// A CIDR the token may be used from (repeatable); checked on top of ALLOW_CIDRS.
         #[arg(long = "cidr", value_name = "CIDR")]
         cidrs: Vec<IpNetwork>,
+        #[command(flatten)]
+        policy: PolicyFlags,
+        /// Print a JSON object instead of the bare token.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give a token a new secret (printed once); the old one stops working at once. The
+    /// token keeps its id, policy, usage and history.
+    Rotate {
+        /// The token's id (`tok_...`).
+        id: String,
         /// Print a JSON object instead of the bare token.
         #[arg(long)]
         json: bool,
@@ -71,13 +84,78 @@ pub enum TokensCommand {
     },
 }
 
+/// Policy flags of `tokens mint` (the same fields as the admin API's mint body). Three of
+/// them carry a `token-` prefix because a server setting of the same name is a global flag.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyFlags {
+    /// Dollars the token may spend per UTC day (runs and turns past it: 402).
+    #[arg(long, value_name = "USD")]
+    pub budget_usd_per_day: Option<Usd>,
+    /// Dollars the token may spend per UTC calendar month.
+    #[arg(long, value_name = "USD")]
+    pub budget_usd_per_month: Option<Usd>,
+    /// Runs and turns of this token in flight at once (policy `max_concurrent`).
+    #[arg(
+        long = "token-max-concurrent",
+        id = "token_max_concurrent",
+        value_name = "N"
+    )]
+    pub max_concurrent: Option<Count>,
+    /// Runs and turns admitted per sliding minute.
+    #[arg(long, value_name = "N")]
+    pub rate_per_min: Option<Count>,
+    /// A model the token may use (repeatable); without any, every model.
+    #[arg(long = "allowed-model", value_name = "MODEL")]
+    pub allowed_models: Vec<ModelName>,
+    /// Model for requests of this token that name none (policy `default_model`).
+    #[arg(
+        long = "token-default-model",
+        id = "token_default_model",
+        value_name = "MODEL"
+    )]
+    pub default_model: Option<ModelName>,
+    /// acpx permission mode for this token's turns (policy `session_permissions`).
+    #[arg(
+        long = "token-session-permissions",
+        id = "token_session_permissions",
+        value_enum,
+        value_name = "MODE"
+    )]
+    pub session_permissions: Option<SessionPermissions>,
+    /// When the token stops working (RFC 3339, e.g. 2026-12-31T23:59:59Z).
+    #[arg(long, value_name = "TIME")]
+    pub expires_at: Option<Rfc3339>,
+}
+
+impl PolicyFlags {
+    /// The flags as a policy patch (a flag not given leaves its field unset).
+    pub fn into_patch(self, cidrs: Vec<IpNetwork>) -> PolicyPatch {
+        PolicyPatch {
+            ip_cidrs: Some(Some(cidrs.into_iter().map(Cidr::from).collect())),
+            budget_usd_per_day: self.budget_usd_per_day.map(Some),
+            budget_usd_per_month: self.budget_usd_per_month.map(Some),
+            max_concurrent: self.max_concurrent.map(Some),
+            rate_per_min: self.rate_per_min.map(Some),
+            allowed_models: (!self.allowed_models.is_empty()).then(|| {
+                Some(ModelList(
+                    self.allowed_models.into_iter().map(|m| m.0).collect(),
+                ))
+            }),
+            default_model: self.default_model.map(Some),
+            session_permissions: self.session_permissions.map(Some),
+            expires_at: self.expires_at.map(Some),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SessionPermissions {
     ApproveReads,
     ApproveAll,
@@ -85,6 +163,15 @@ pub enum SessionPermissions {
 }
 
 impl SessionPermissions {
+    /// The name used in settings, token policies and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionPermissions::ApproveReads => "approve-reads",
+            SessionPermissions::ApproveAll => "approve-all",
+            SessionPermissions::DenyAll => "deny-all",
+        }
+    }
+
     /// The acpx global flag for this mode.
     pub fn acpx_flag(self) -> &'static str {
         match self {

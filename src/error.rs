@@ -31,7 +31,10 @@ pub enum ApiError {
     TooLarge(String),
     #[error("the server is busy; try again later")]
     Overloaded { retry_after_secs: u64 },
-    #[error("rate limit reached; try again later")]
+    /// The token's own `max_concurrent` is reached (the server may have room).
+    #[error("this token already has {limit} runs or turns in flight; try again when one ends")]
+    TokenOverloaded { limit: u32 },
+    #[error("this token's rate limit is reached; try again later")]
     RateLimited { retry_after_secs: u64 },
     #[error("{message}")]
     UsageLimit {
@@ -55,10 +58,14 @@ pub enum ApiError {
 }
 
 /// The error envelope, as sent.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
+    /// Always `false`.
     pub ok: bool,
+    /// A sentence for people; never internal details.
     pub error: String,
+    /// What clients switch on.
+    #[schema(value_type = crate::http::openapi::ErrorCode)]
     pub code: &'static str,
 }
 
@@ -86,6 +93,7 @@ impl ApiError {
             ApiError::Busy | ApiError::SessionClosed => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded { .. }
+            | ApiError::TokenOverloaded { .. }
             | ApiError::RateLimited { .. }
             | ApiError::UsageLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream(_) | ApiError::OutputTooLarge => StatusCode::BAD_GATEWAY,
@@ -108,7 +116,7 @@ impl ApiError {
             ApiError::Busy => "busy",
             ApiError::SessionClosed => "session_closed",
             ApiError::TooLarge(_) => "too_large",
-            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::Overloaded { .. } | ApiError::TokenOverloaded { .. } => "overloaded",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::UsageLimit { .. } => "usage_limit",
             ApiError::Upstream(_) => "upstream_error",
@@ -127,6 +135,8 @@ impl ApiError {
             | ApiError::UsageLimit {
                 retry_after_secs, ..
             } => Some((*retry_after_secs).max(1)),
+            // Nothing says when one of the token's runs will end; a second is a fair poll.
+            ApiError::TokenOverloaded { .. } => Some(1),
             _ => None,
         }
     }

@@ -10,10 +10,12 @@
 //! - [`process`]: supervised agent processes (env allowlist, process groups, kills);
 //! - [`runner`]: one-shot `claude -p` runs;
 //! - [`slots`]: admission control for agent processes;
+//! - [`governance`]: token policy, the usage ledger, and admission per token;
+//! - [`metrics`]: the Prometheus registry behind `/metrics`;
 //! - [`files`]: uploads and staging them into working dirs;
 //! - [`sessions`]: multi-turn sessions through acpx;
 //! - [`sweeper`]: periodic clean-up (idle sessions, expired uploads, orphaned dirs, audit);
-//! - [`probe`]: cached CLI version probes for `/healthz`;
+//! - [`probe`]: cached CLI probes (versions, login) for `/healthz` and `/metrics`;
 //! - [`cli`]: subcommands that work without a server.
 
 pub mod app;
@@ -24,7 +26,9 @@ pub mod config;
 pub mod doctor;
 pub mod error;
 pub mod files;
+pub mod governance;
 pub mod http;
+pub mod metrics;
 pub mod probe;
 pub mod process;
 pub mod runner;

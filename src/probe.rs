@@ -1,5 +1,6 @@
-//! Cached CLI probes behind `/healthz`: `claude --version` and `acpx --version`, run once
-//! before the server listens and then on a background timer, never per request.
+//! Cached CLI probes behind `/healthz` and `/metrics`: `claude --version`, `acpx --version`
+//! and `claude auth status`, run once before the server listens and then on a background
+//! timer, never per request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +18,12 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ProbeSnapshot {
     pub claude_version: Option<String>,
     pub acpx_version: Option<String>,
+    /// From `claude auth status`; `None` when the probe could not tell.
+    pub claude_logged_in: Option<bool>,
 }
 
 /// The latest snapshot, watchable: the warm pool restarts its processes when it changes.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Probes(Arc<tokio::sync::watch::Sender<ProbeSnapshot>>);
 
 impl Default for Probes {
@@ -40,22 +43,25 @@ impl Probes {
         self.0.subscribe()
     }
 
-    /// Probes both CLIs (concurrently) and stores the result.
+    /// Probes both CLIs and claude's login (concurrently) and stores the result.
     pub async fn refresh(&self, config: &Config) -> ProbeSnapshot {
-        let (claude, acpx) = tokio::join!(
+        let (claude, acpx, logged_in) = tokio::join!(
             version_of(config, &config.settings.claude_bin),
-            version_of(config, &config.settings.acpx_bin)
+            version_of(config, &config.settings.acpx_bin),
+            logged_in(config, &config.settings.claude_bin)
         );
         let snap = ProbeSnapshot {
             claude_version: claude,
             acpx_version: acpx,
+            claude_logged_in: logged_in,
         };
-        // Only a real change notifies watchers.
+        // Only a real change notifies watchers (the warm pool restarts on a change).
         self.0.send_if_modified(|s| {
             if *s == snap {
                 return false;
             }
-            tracing::info!(claude = ?snap.claude_version, acpx = ?snap.acpx_version, "CLI probe");
+            tracing::info!(claude = ?snap.claude_version, acpx = ?snap.acpx_version,
+                           claude_logged_in = ?snap.claude_logged_in, "CLI probe");
             *s = snap.clone();
             true
         });
@@ -103,6 +109,14 @@ pub async fn output_of(
         .await
         .map_err(|_| ProbeError::TimedOut)?
         .map_err(ProbeError::Spawn)
+}
+
+/// `claude auth status` prints `{"loggedIn":bool,...}` (exiting 1 when logged out, so the
+/// exit status is not the answer); `None` when it printed no such object.
+pub async fn logged_in(config: &Config, claude: &std::path::Path) -> Option<bool> {
+    let out = output_of(config, claude, &["auth", "status"]).await.ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.get("loggedIn")?.as_bool()
 }
 
 /// `PROGRAM --version`, first line, trimmed; `None` when missing, failing or slow.

@@ -10,7 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Slots {
     sem: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,

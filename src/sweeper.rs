@@ -77,6 +77,16 @@ pub async fn sweep_once(state: &AppState) -> SweepReport {
                 .await
         }),
     };
+    for (action, n) in [
+        ("session_closed", report.sessions_closed),
+        ("session_deleted", report.sessions_deleted),
+        ("upload_deleted", report.uploads_deleted),
+        ("run_dir_removed", report.run_dirs_removed),
+        ("session_dir_removed", report.session_dirs_removed),
+        ("audit_row_deleted", report.audit_rows_deleted),
+    ] {
+        state.metrics.sweeper_action(action, n as u64);
+    }
     if report == SweepReport::default() {
         tracing::debug!("sweep: nothing to do");
     } else {

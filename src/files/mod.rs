@@ -17,7 +17,7 @@ use crate::store::{Db, StoreError};
 use crate::util::now_ms;
 
 /// A stored file as its owner sees it (`GET /files/{file_token}`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FileRecord {
     pub file_token: String,
     #[serde(skip)]
@@ -29,8 +29,10 @@ pub struct FileRecord {
     pub size: u64,
     pub sha256: String,
     #[serde(serialize_with = "crate::util::ser_rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
     #[serde(serialize_with = "crate::util::ser_rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub expires_at: i64,
 }
 

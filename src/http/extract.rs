@@ -68,8 +68,8 @@ impl LastUsed {
     }
 }
 
-/// An authenticated app: a valid, unrevoked `cf_` bearer used from an address its own
-/// `ip_cidrs` (if any) allow.
+/// An authenticated app: a valid, unrevoked, unexpired `cf_` bearer used from an address
+/// its own `ip_cidrs` (if any) allow.
 #[derive(Debug, Clone)]
 pub struct AppCaller {
     pub token: TokenRecord,
@@ -92,12 +92,13 @@ impl FromRequestParts<Arc<AppState>> for AppCaller {
             .db
             .read(move |c| tokens::find_by_hash(c, &hash))
             .await?
-            .filter(|t| t.revoked_at.is_none())
+            .filter(usable)
             .ok_or(ApiError::Unauthorized)?;
         tracing::Span::current().record("token_id", token.id.as_str());
-        if !token.ip_cidrs.is_empty() {
+        if !token.policy.ip_cidrs.is_empty() {
             let nets = AllowList(
                 token
+                    .policy
                     .ip_cidrs
                     .iter()
                     .filter_map(|c| c.parse().ok())
@@ -112,6 +113,11 @@ impl FromRequestParts<Arc<AppState>> for AppCaller {
         state.last_used.note(&token.id);
         Ok(AppCaller { token, ip })
     }
+}
+
+/// Neither revoked nor past its `expires_at`: a token that authenticates.
+fn usable(t: &TokenRecord) -> bool {
+    t.revoked_at.is_none() && !t.policy.expired(now_ms())
 }
 
 /// The operator, holding `ADMIN_BOOTSTRAP_TOKEN`.
@@ -149,7 +155,7 @@ impl FromRequestParts<Arc<AppState>> for AdminCaller {
                 .db
                 .read(move |c| tokens::find_by_hash(c, &hash))
                 .await?;
-            if found.is_some_and(|t| t.revoked_at.is_none()) {
+            if found.is_some_and(|t| usable(&t)) {
                 return Err(ApiError::Forbidden(
                     "app tokens may not use the admin API".into(),
                 ));

@@ -15,7 +15,7 @@ use crate::files::{self, upload};
 use crate::http::extract::{ApiPath, AppCaller};
 use crate::http::ok;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UploadAnswer {
     pub file_token: String,
     pub ttl_secs: u64,

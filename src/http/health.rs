@@ -9,8 +9,9 @@ use serde::Serialize;
 use crate::app::AppState;
 use crate::http::ok;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Health {
+    #[schema(value_type = String)]
     pub version: &'static str,
     pub claude_present: bool,
     pub claude_version: Option<String>,

@@ -5,9 +5,12 @@ pub mod admin;
 pub mod extract;
 pub mod files;
 pub mod health;
+pub mod metrics;
+pub mod openapi;
 pub mod params;
 pub mod runs;
 pub mod sessions;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -85,8 +88,13 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/admin/tokens", post(admin::mint).get(admin::list))
-        .route("/admin/tokens/{id}", delete(admin::revoke))
+        .route(
+            "/admin/tokens/{id}",
+            delete(admin::revoke).patch(admin::patch),
+        )
+        .route("/admin/tokens/{id}/rotate", post(admin::rotate))
         .route("/admin/audit", get(admin::audit))
+        .route("/admin/usage", get(admin::usage))
         .route("/run", post(runs::run))
         .route("/sessions", get(sessions::list).post(sessions::create))
         .route("/sessions/{id}", get(sessions::get).delete(sessions::close))
@@ -102,10 +110,18 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/files/{file_token}",
             get(files::show).delete(files::delete),
         )
+        .route("/usage", get(usage::usage))
+        .route("/metrics", get(metrics::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route_layer(middleware::from_fn(metrics::tag_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json_limit))
         .layer(middleware::from_fn_with_state(state.clone(), allowlist))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::count,
+        ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(trace)
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeId))

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use crate::app::AppState;
+use crate::auth::tokens::TokenRecord;
 use crate::error::{ApiError, ApiResult};
+use crate::governance::policy::{valid_model, MODEL_RULE};
 
 /// Default `timeout_secs` of a run or turn.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 120;
@@ -27,20 +29,18 @@ pub fn prompt(state: &AppState, prompt: String) -> ApiResult<String> {
 }
 
 /// A model name or alias as the CLI takes it (`sonnet`, `claude-sonnet-4-5-20250929`,
-/// `us.anthropic.claude...:0`); the server's default when absent.
-pub fn model(state: &AppState, model: Option<String>) -> ApiResult<String> {
+/// `us.anthropic.claude...:0`); when absent, the token's `default_model`, else the server's.
+/// Whether the token may use it is `governance::admit`'s question.
+pub fn model(state: &AppState, token: &TokenRecord, model: Option<String>) -> ApiResult<String> {
     let Some(model) = model else {
-        return Ok(state.config.settings.default_model.clone());
+        return Ok(token
+            .policy
+            .default_model
+            .clone()
+            .unwrap_or_else(|| state.config.settings.default_model.clone()));
     };
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || "._:-/@[]".contains(c);
-    if model.is_empty()
-        || model.len() > 128
-        || model.starts_with('-')
-        || !model.chars().all(ok_char)
-    {
-        return Err(ApiError::bad_request(
-            "model must be 1 to 128 characters of A-Z a-z 0-9 . _ : - / @ [ ]",
-        ));
+    if !valid_model(&model) {
+        return Err(ApiError::bad_request(MODEL_RULE));
     }
     Ok(model)
 }

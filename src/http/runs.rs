@@ -19,7 +19,7 @@ use crate::http::extract::{ApiJson, AppCaller};
 use crate::http::{ok, params};
 use crate::runner::{self, RunInput};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunBody {
     pub prompt: String,
@@ -38,13 +38,13 @@ pub async fn run(
 ) -> ApiResult<Response> {
     let input = RunInput {
         prompt: params::prompt(&state, body.prompt)?,
-        model: params::model(&state, body.model)?,
+        model: params::model(&state, &caller.token, body.model)?,
         system: params::system(body.system)?,
         files: params::files(body.files)?,
         timeout: params::timeout(&state, body.timeout_secs)?,
     };
     let streaming = params::wants_stream(body.stream, &headers);
-    let prepared = runner::prepare(&state, &caller.token.id, input).await?;
+    let prepared = runner::prepare(&state, &caller.token, input).await?;
     if !streaming {
         // Not spawned: if the client hangs up, this future is dropped and the run's guards
         // kill the process group, remove the dir and mark the audit row abandoned.

@@ -17,7 +17,7 @@ use crate::http::{ok, params};
 use crate::sessions::store::SessionRecord;
 use crate::sessions::{self, CreateInput, TurnInput};
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     pub agent: Option<String>,
@@ -26,13 +26,14 @@ pub struct CreateBody {
 }
 
 /// A new session as `POST /sessions` answers it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Created {
     pub session_id: String,
     pub agent: String,
     pub model: String,
     pub status: String,
     #[serde(serialize_with = "crate::util::ser_rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
 }
 
@@ -50,10 +51,10 @@ pub async fn create(
     };
     let input = CreateInput {
         agent: body.agent.unwrap_or_else(|| "claude".into()),
-        model: params::model(&state, body.model)?,
+        model: params::model(&state, &caller.token, body.model)?,
         system: params::system(body.system)?,
     };
-    let s = sessions::create(&state, &caller.token.id, input).await?;
+    let s = sessions::create(&state, &caller.token, input).await?;
     Ok((
         StatusCode::CREATED,
         ok(Created {
@@ -72,7 +73,7 @@ pub struct ListQuery {
     pub status: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SessionList {
     pub sessions: Vec<SessionRecord>,
 }
@@ -107,7 +108,7 @@ pub async fn close(
     Ok(ok(sessions::close_for(&state, &caller.token.id, &id).await?))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Cancelled {
     pub cancelled: bool,
 }
@@ -122,7 +123,7 @@ pub async fn cancel(
     Ok(ok(Cancelled { cancelled }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TurnBody {
     pub prompt: String,
@@ -144,7 +145,7 @@ pub async fn turn(
         timeout: params::timeout(&state, body.timeout_secs)?,
     };
     let streaming = params::wants_stream(body.stream, &headers);
-    let prepared = sessions::prepare_turn(&state, &caller.token.id, &id, input).await?;
+    let prepared = sessions::prepare_turn(&state, &caller.token, &id, input).await?;
     if streaming {
         return Ok(stream_answer("acp", move |tx| {
             sessions::execute_turn(prepared, Some(tx), Default::default())

@@ -1,6 +1,6 @@
 //! One-shot runs: `claude -p` in a fresh staged working dir, supervised from spawn to exit.
-//! [`prepare`] does everything that can fail before an answer starts (slot, dir, files,
-//! audit row), so those failures are plain JSON even for streaming requests; [`execute`]
+//! [`prepare`] does everything that can fail before an answer starts (admission through
+//! `governance::admit`, dir, files, audit row), so those failures are plain JSON even for streaming requests; [`execute`]
 //! runs the CLI, optionally forwarding each stream-json line, and closes the audit row
 //! before the answer leaves.
 
@@ -19,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
 use crate::audit::{self, AuditEntry, Completion, Outcome};
+use crate::auth::tokens::TokenRecord;
 use crate::error::ApiError;
+use crate::governance::{self, Admission};
 use crate::process::{child_env, Event, Proc, ProcError, Spec};
-use crate::slots::Slot;
 use crate::util::new_id;
 
 /// A validated `/run` request.
@@ -34,16 +35,18 @@ pub struct RunInput {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     pub input_tokens: i64,
     pub output_tokens: i64,
 }
 
 /// The body of a successful run (also the `result` event of a streamed one).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RunAnswer {
     pub run_id: String,
+    /// The answer: JSON when it parses as JSON (a surrounding Markdown fence removed), else
+    /// the CLI's text.
     pub result: Value,
     pub duration_ms: u64,
     pub stop_reason: String,
@@ -144,7 +147,8 @@ impl Drop for DirGuard {
     }
 }
 
-/// A run ready to start: it holds its slot, dir and open audit row.
+/// A run ready to start: it holds its admission (slot and the token's in-flight count), dir
+/// and open audit row.
 pub struct Prepared {
     state: Arc<AppState>,
     pub run_id: String,
@@ -154,16 +158,18 @@ pub struct Prepared {
     audit: AuditGuard,
     /// A pre-started process from the warm pool, if one matched.
     warm: Option<Proc>,
-    _slot: Slot,
+    _admission: Admission,
 }
 
-/// Takes a slot (waiting in line), makes the run dir, stages the files, opens the audit row.
+/// Admits the run under the token's policy (waiting in line for a slot), makes the run dir,
+/// stages the files, opens the audit row.
 pub async fn prepare(
     state: &Arc<AppState>,
-    token_id: &str,
+    token: &TokenRecord,
     input: RunInput,
 ) -> Result<Prepared, ApiError> {
-    let slot = state.slots.acquire().await?;
+    let admission = governance::admit(state, token, &input.model).await?;
+    let token_id = token.id.as_str();
     let key = warm::Key {
         model: input.model.clone(),
         system: input.system.clone(),
@@ -200,7 +206,7 @@ pub async fn prepare(
         dir,
         audit,
         warm,
-        _slot: slot,
+        _admission: admission,
     })
 }
 
@@ -460,6 +466,12 @@ pub async fn execute(
         },
     };
     let recorded = p.audit.complete(completion).await;
+    state
+        .metrics
+        .observe_run(outcome.as_str(), started.elapsed());
+    if let Err(e) = &judged {
+        state.governor.note(e);
+    }
     if matches!(&judged, Err(ApiError::Upstream(m)) if m.contains("/login")) {
         // The login went away: warm processes started under it would fail the same way.
         state.warm.invalidate();

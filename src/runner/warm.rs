@@ -2,8 +2,9 @@
 //! each in its own staged run dir and process group, waiting on stdin. A `/run` whose
 //! (model, system prompt) matches an idle one skips the CLI's ~0.6 s start-up.
 //!
-//! Which combinations are kept: always the default model with no system prompt, then the
-//! most recently requested others, one process each, `CLAWDFORGE_WARM_POOL` in total.
+//! Which combinations are kept, `CLAWDFORGE_WARM_POOL` processes in total: one each for the
+//! most recently requested other (model, system prompt) combinations (at most size - 1),
+//! and all the rest for the default model with no system prompt.
 //! Idle processes hold no admission slot; they are replaced after
 //! `CLAWDFORGE_WARM_MAX_IDLE_SECS`, when the CLI probe changes (version or login), when one
 //! dies, and after each use (one process serves exactly one run: the CLI keeps the first
@@ -46,7 +47,7 @@ pub struct Warm {
     generation: u64,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct PoolStats {
     /// Processes the pool may keep (`CLAWDFORGE_WARM_POOL`).
     pub size: usize,
@@ -126,10 +127,18 @@ impl WarmPool {
     }
 
     /// The keys the pool should hold now: the default first, then the most recent others.
+    /// One entry per process: each recent other combination gets one (the most recent
+    /// first, at most `size - 1` of them), the default combination all the rest, so a
+    /// burst of plain requests finds as many warm processes as the pool holds.
     fn wanted(&self, inner: &Inner) -> Vec<Key> {
-        let mut keys = vec![self.default_key()];
-        keys.extend(inner.recent.iter().cloned());
-        keys.truncate(self.size);
+        let others: Vec<Key> = inner
+            .recent
+            .iter()
+            .take(self.size.saturating_sub(1))
+            .cloned()
+            .collect();
+        let mut keys = vec![self.default_key(); self.size - others.len()];
+        keys.extend(others);
         keys
     }
 
@@ -186,13 +195,13 @@ impl WarmPool {
         if let Ok(mut inner) = self.inner.lock() {
             let wanted = self.wanted(&inner);
             let max_idle = self.max_idle();
-            // One live, current process per wanted key; everything else goes.
+            let want = |key: &Key| wanted.iter().filter(|k| *k == key).count();
+            // As many live, current processes per key as wanted; everything else goes.
             let mut kept: Vec<Warm> = Vec::new();
             for mut w in std::mem::take(&mut inner.idle) {
-                let fine = wanted.contains(&w.key)
-                    && w.generation == generation
+                let fine = w.generation == generation
                     && w.born.elapsed() < max_idle
-                    && !kept.iter().any(|k| k.key == w.key)
+                    && kept.iter().filter(|k| k.key == w.key).count() < want(&w.key)
                     && !w.proc.has_exited();
                 if fine {
                     kept.push(w);
@@ -201,11 +210,14 @@ impl WarmPool {
                 }
             }
             inner.idle = kept;
-            for key in wanted {
-                let have = inner.idle.iter().any(|w| w.key == key) || inner.starting.contains(&key);
-                if !have {
+            let mut distinct = wanted.clone();
+            distinct.dedup();
+            for key in distinct {
+                let have = inner.idle.iter().filter(|w| w.key == key).count()
+                    + inner.starting.iter().filter(|k| **k == key).count();
+                for _ in have..want(&key) {
                     inner.starting.push(key.clone());
-                    to_start.push(key);
+                    to_start.push(key.clone());
                 }
             }
         }
@@ -224,7 +236,10 @@ impl WarmPool {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
-        inner.starting.retain(|k| k != &key);
+        // One spawn of this key is over (`starting` holds one entry per spawn).
+        if let Some(i) = inner.starting.iter().position(|k| k == &key) {
+            inner.starting.swap_remove(i);
+        }
         match result {
             Ok(w) if !self.stop.is_cancelled() => inner.idle.push(w),
             Ok(w) => {
@@ -287,16 +302,18 @@ impl WarmPool {
         self.refill();
     }
 
-    /// Kills every idle process (shutdown).
-    pub fn clear(&self) {
+    /// Stops every idle process and waits until they are gone (shutdown).
+    pub async fn shutdown(&self) {
         let idle = self
             .inner
             .lock()
             .map(|mut i| std::mem::take(&mut i.idle))
             .unwrap_or_default();
-        for w in idle {
+        futures_util::future::join_all(idle.into_iter().map(|mut w| async move {
+            w.proc.terminate().await;
             crate::process::remove_dir(&w.dir);
-        }
+        }))
+        .await;
     }
 
     /// Recycles idle processes past their idle life, waking when the oldest expires.
@@ -329,7 +346,7 @@ impl WarmPool {
                     _ = tokio::time::sleep(next.max(Duration::from_millis(50))) => pool.refill(),
                 }
             }
-            pool.clear();
+            pool.shutdown().await;
         });
     }
 }

@@ -21,7 +21,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::app::AppState;
-use crate::config::Config;
+use crate::config::{Config, SessionPermissions};
 use crate::process::{child_env, Event, Proc, ProcError, Spec, KILL_GRACE};
 
 /// Where a session lives for acpx: sessions are keyed by (agent, cwd, name).
@@ -62,12 +62,18 @@ impl Target {
     /// session may idle; the permission mode answers every request itself, and
     /// `--non-interactive-permissions deny` refuses whatever it would have asked a human
     /// about, so no turn ever waits for one.
-    pub fn prompt_args(&self, config: &Config, model: &str, system: Option<&str>) -> Vec<OsString> {
+    pub fn prompt_args(
+        &self,
+        config: &Config,
+        permissions: SessionPermissions,
+        model: &str,
+        system: Option<&str>,
+    ) -> Vec<OsString> {
         let mut args = self.global();
         args.extend(agent_options(model, system));
         args.extend([
             format!("--ttl={}", config.settings.session_ttl_secs).into(),
-            config.settings.session_permissions.acpx_flag().into(),
+            permissions.acpx_flag().into(),
             "--non-interactive-permissions=deny".into(),
             self.agent.clone().into(),
             "prompt".into(),

@@ -220,9 +220,10 @@ fn target(s: &SessionRecord) -> Target {
 /// agent once, so it takes a slot), and its row.
 pub async fn create(
     state: &AppState,
-    token_id: &str,
+    token: &crate::auth::tokens::TokenRecord,
     input: CreateInput,
 ) -> Result<SessionRecord, ApiError> {
+    let token_id = token.id.as_str();
     if !state.config.settings.agents.contains(&input.agent) {
         return Err(ApiError::BadRequest(format!(
             "agent must be one of: {}",
@@ -235,7 +236,8 @@ pub async fn create(
         .sessions
         .claim(&id, Kind::Creating)
         .map_err(|_| ApiError::internal("a new session id is already in use"))?;
-    let _slot = state.slots.acquire().await?;
+    // The token's policy (model, budget, concurrency, rate) applies to starting the agent.
+    let _admission = crate::governance::admit(state, token, &input.model).await?;
     let dir = state.config.sessions_dir.join(&id);
     tokio::fs::create_dir_all(&dir).await?;
     // acpx keys sessions by absolute cwd; a relative ACPX_SESSIONS_CWD must not leak in.

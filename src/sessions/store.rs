@@ -5,7 +5,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 /// A session as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SessionRecord {
     pub session_id: String,
     #[serde(skip)]
@@ -22,10 +22,13 @@ pub struct SessionRecord {
     pub cwd: String,
     pub status: String,
     #[serde(serialize_with = "crate::util::ser_rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
     #[serde(serialize_with = "crate::util::ser_rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub last_used_at: i64,
     #[serde(serialize_with = "crate::util::ser_opt_rfc3339")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub closed_at: Option<i64>,
     pub turn_count: i64,
     /// The agent's cumulative cost as last reported (see `parse::TurnLog::cost`).

@@ -27,11 +27,13 @@ use super::store::{self, SessionRecord};
 use super::{target, Claim, StopWhy};
 use crate::app::AppState;
 use crate::audit::{Completion, Outcome};
+use crate::auth::tokens::TokenRecord;
+use crate::config::SessionPermissions;
 use crate::error::ApiError;
+use crate::governance::{self, Admission};
 use crate::process::{Event, Proc, ProcError};
 use crate::runner::parse::{clip, judge, usage_limit};
 use crate::runner::{spawn_with_prompt, stage_and_audit, AuditGuard, Start};
-use crate::slots::Slot;
 use crate::util::now_ms;
 
 /// How long a stopped turn may take to end after acpx was asked to cancel it (observed:
@@ -46,7 +48,7 @@ pub struct TurnInput {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TurnUsage {
     pub input_tokens: i64,
     pub output_tokens: i64,
@@ -56,10 +58,14 @@ pub struct TurnUsage {
 }
 
 /// The body of a finished turn (also the `result` event of a streamed one).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TurnAnswer {
     pub session_id: String,
+    /// Counts from 1.
     pub turn_index: i64,
+    /// The turn's ACP JSON-RPC messages (the repeated `available_commands_update`
+    /// notifications left out).
+    #[schema(value_type = Vec<Object>)]
     pub events: Vec<Value>,
     pub text: String,
     pub stop_reason: String,
@@ -73,7 +79,9 @@ pub struct PreparedTurn {
     session: SessionRecord,
     claim: Claim,
     /// `None` when the turn was cancelled or its session closed while it waited for one.
-    slot: Option<Slot>,
+    slot: Option<Admission>,
+    /// The token's permission mode, else the server's.
+    permissions: SessionPermissions,
     timeout: Duration,
     prompt_text: String,
     audit: AuditGuard,
@@ -84,10 +92,11 @@ pub struct PreparedTurn {
 /// audit row.
 pub async fn prepare_turn(
     state: &Arc<AppState>,
-    token_id: &str,
+    token: &TokenRecord,
     id: &str,
     input: TurnInput,
 ) -> Result<PreparedTurn, ApiError> {
+    let token_id = token.id.as_str();
     let open = |s: SessionRecord| {
         if s.status == "open" {
             Ok(s)
@@ -100,7 +109,7 @@ pub async fn prepare_turn(
     // A close may have finished between the first read and the claim.
     let s = open(super::get(state, token_id, id).await?)?;
     let slot = tokio::select! {
-        slot = state.slots.acquire() => Some(slot?),
+        admitted = governance::admit(state, token, &s.model) => Some(admitted?),
         _ = claim.stop.stopped() => None,
     };
     let cwd = PathBuf::from(&s.cwd);
@@ -124,6 +133,10 @@ pub async fn prepare_turn(
         session: s,
         claim,
         slot,
+        permissions: token
+            .policy
+            .session_permissions
+            .unwrap_or(state.config.settings.session_permissions),
         timeout: input.timeout,
         prompt_text,
         audit,
@@ -165,6 +178,7 @@ pub async fn execute_turn(
         session,
         claim,
         slot,
+        permissions,
         timeout,
         prompt_text,
         mut audit,
@@ -209,6 +223,7 @@ pub async fn execute_turn(
     let t = target(&session);
     let args = t.prompt_args(
         &state.config,
+        permissions,
         &session.model,
         session.system_prompt.as_deref(),
     );
@@ -310,6 +325,12 @@ pub async fn execute_turn(
             detail: judged.as_ref().err().map(|e| e.code().into()),
         })
         .await;
+    state
+        .metrics
+        .observe_turn(outcome.as_str(), started.elapsed());
+    if let Err(e) = &judged {
+        state.governor.note(e);
+    }
     // Free the session before the answer leaves, so a client's next turn is never `busy`.
     drop(claim);
     // A failed turn answers its own error, which says more than a failure to record it.

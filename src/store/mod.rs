@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_audit_warm.sql"),
     include_str!("migrations/0003_sessions.sql"),
+    include_str!("migrations/0004_governance.sql"),
 ];
 
 /// How long a connection waits for a lock held by another connection (or process, such as
@@ -76,18 +77,20 @@ fn open_writer(path: &Path) -> StoreResult<Connection> {
 }
 
 fn migrate(conn: &mut Connection) -> StoreResult<()> {
-    let done: usize =
-        conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
+    // One write transaction for the whole check-and-apply, so two processes opening a new
+    // database at once (the server and `clawdforge tokens mint`) cannot both apply the same
+    // migration: the second waits on the lock (busy_timeout), then sees it done.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let done: usize = tx.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(done) {
-        let tx = conn.transaction()?;
         tx.execute_batch(sql)
             .map_err(|source| StoreError::Migration {
                 index: index + 1,
                 source,
             })?;
         tx.pragma_update(None, "user_version", (index + 1) as i64)?;
-        tx.commit()?;
     }
+    tx.commit()?;
     Ok(())
 }
 
@@ -221,5 +224,20 @@ mod tests {
         // Re-opening applies nothing twice.
         let db = Db::open(&dir.path().join("t.db")).unwrap();
         db.close().await;
+    }
+
+    #[test]
+    fn concurrent_first_opens_migrate_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("race.db");
+        let openers: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || open_blocking(&path).map(|_| ()))
+            })
+            .collect();
+        for o in openers {
+            o.join().unwrap().expect("every opener succeeds");
+        }
     }
 }

@@ -434,26 +434,12 @@ async fn a_sigkilled_server_leaves_nothing_after_restart() {
             .await
     });
     let rec_dir = records.clone();
-    let has_grandchild = move || {
-        std::fs::read_dir(&rec_dir)
-            .unwrap()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("grandchild-"))
-    };
-    eventually("stub started its grandchild", has_grandchild).await;
+    eventually("stub started its grandchild", move || {
+        !crate::runs::grandchildren(&rec_dir).is_empty()
+    })
+    .await;
     let pid = crate::runs::records(&records)[0]["pid"].as_i64().unwrap() as i32;
-    let grandchild: i32 = std::fs::read_dir(&records)
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("grandchild-"))
-        .map(|e| {
-            std::fs::read_to_string(e.path())
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        })
-        .unwrap();
+    let grandchild = crate::runs::grandchildren(&records)[0];
     let record = crate::runs::records(&records)[0].clone();
     assert!(!crate::harness::dir_gone(&record));
 

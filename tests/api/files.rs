@@ -126,8 +126,13 @@ fn file_rows(s: &TestServer) -> i64 {
         .unwrap()
 }
 
+/// Run dirs still present among the runs the stub answered (idle warm-pool dirs, which
+/// answered nothing yet, do not count).
 fn run_dirs(s: &TestServer) -> usize {
-    std::fs::read_dir(&s.state.config.runs_dir).unwrap().count()
+    crate::runs::records(&s.record_dir)
+        .iter()
+        .filter(|r| !crate::harness::dir_gone(r))
+        .count()
 }
 
 /// The prompts the claude stub was given, in no particular order.

@@ -251,13 +251,13 @@ async fn healthz_reports_cached_probes_without_spawning() {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
             .lines()
-            .filter(|l| l.ends_with("--version"))
+            .filter(|l| l.ends_with("--version") || l.ends_with("auth status"))
             .count()
     };
     let probes_at_start = probes();
     assert_eq!(
-        probes_at_start, 2,
-        "one probe each for claude and acpx before listening"
+        probes_at_start, 3,
+        "claude --version, acpx --version and claude auth status before listening"
     );
     for _ in 0..20 {
         let (st, v) = body(s.req(Method::GET, "/healthz").send().await.unwrap()).await;

@@ -8,6 +8,7 @@ mod drills;
 mod fake_upstream;
 mod files;
 mod foundation;
+mod governance;
 // Not every test module uses every helper.
 #[allow(dead_code)]
 mod harness;

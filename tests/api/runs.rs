@@ -27,7 +27,7 @@ fn all_dirs_gone(s: &TestServer) -> bool {
     records(&s.record_dir).iter().all(dir_gone)
 }
 
-async fn run(s: &TestServer, token: &str, body_json: Value) -> (u16, Value) {
+pub async fn run(s: &TestServer, token: &str, body_json: Value) -> (u16, Value) {
     body(
         s.app(token, Method::POST, "/run")
             .json(&body_json)
@@ -207,7 +207,7 @@ async fn cli_failures_map_to_upstream_errors() {
 }
 
 /// Pids the stub recorded for its grandchildren.
-fn grandchildren(dir: &Path) -> Vec<i32> {
+pub fn grandchildren(dir: &Path) -> Vec<i32> {
     std::fs::read_dir(dir)
         .unwrap()
         .flatten()

@@ -792,21 +792,11 @@ async fn a_sigkilled_server_mid_turn_leaves_a_usable_session() {
     let client = reqwest::Client::new();
     let (token, id) = served_session(&served.url, admin).await;
     let pending = spawn_served_turn(&served.url, &token, &id, "@stub:grandchild\n@stub:sleep=30");
-    let grandchild_file = || {
-        std::fs::read_dir(&records_dir)
-            .unwrap()
-            .flatten()
-            .find(|e| e.file_name().to_string_lossy().starts_with("grandchild-"))
-    };
     eventually("the turn started its grandchild", || {
-        grandchild_file().is_some()
+        !crate::runs::grandchildren(&records_dir).is_empty()
     })
     .await;
-    let grandchild: i32 = std::fs::read_to_string(grandchild_file().unwrap().path())
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let grandchild = crate::runs::grandchildren(&records_dir)[0];
     let pid = records(&records_dir)[0]["pid"].as_i64().unwrap() as i32;
 
     served.child.kill().unwrap();

@@ -74,6 +74,8 @@ async fn real_acpx_carries_context_across_turns_and_a_restart() {
     let fake = FakeUpstream::start().await;
     fake.reply_when("TURNONE", Reply::text("Noted, pineapple."));
     let tweak = |c: &mut clawdforge::Config| {
+        // Warm-pool claude processes share HOME and would be counted as agents here.
+        c.settings.warm_pool = 0;
         c.settings.sweep_interval_secs = 3600;
         c.settings.session_ttl_secs = OWNER_TTL;
     };
@@ -233,7 +235,11 @@ async fn real_acpx_cancel_and_timeout_leave_the_session_usable() {
         Reply::delayed(Duration::from_secs(30), Reply::text("too late")),
     );
     fake.reply_when("HANGONE", Reply::Hang);
-    let s = real_server(&fake, |c| c.settings.session_ttl_secs = OWNER_TTL).await;
+    let s = real_server(&fake, |c| {
+        c.settings.warm_pool = 0;
+        c.settings.session_ttl_secs = OWNER_TTL;
+    })
+    .await;
     let home = home(&s);
     let (_, t) = s.mint("real").await;
     let (_, v) = create(&s, &t, json!({})).await;
@@ -311,6 +317,8 @@ async fn real_acpx_survivors_of_a_sigkilled_server_are_stopped_at_start_up() {
             "CLAWDFORGE_SESSION_TTL_SECS".to_string(),
             OWNER_TTL.to_string(),
         ),
+        // Warm-pool claude processes share HOME and would be counted as agents here.
+        ("CLAWDFORGE_WARM_POOL".to_string(), "0".to_string()),
     ]);
     let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let data = dir.path().join("data");

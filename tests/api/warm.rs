@@ -35,7 +35,8 @@ async fn matching_runs_take_warm_processes_and_others_start_cold() {
     })
     .await;
     let (_, t) = s.mint("app").await;
-    pool_ready(&s, 1).await;
+    // With no other demand, the whole pool serves the default combination.
+    pool_ready(&s, 2).await;
     let idle = s.state.warm.idle_pids();
     // Idle processes hold no admission slot.
     assert_eq!(s.state.slots.running(), 0);
