@@ -80,6 +80,48 @@ pub struct UploadForm {
     pub ttl_secs: Option<u64>,
 }
 
+// ---- Server-sent events (documentation only: the handlers write them) ------------------
+// Each schema describes one event as SSE clients (and schemathesis) parse it: its `event`
+// name and its `data`, one JSON value as text. Keep-alive comments carry no event.
+
+/// The `event:` of a streamed run.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunEventName {
+    Claude,
+    Result,
+    Error,
+}
+
+/// One event of a streamed `POST /run`: `claude` for each line the CLI prints (`data`: that
+/// JSON line), then `result` (`data`: the non-streaming answer) or `error` (`data`: the
+/// error envelope).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunEvent {
+    pub event: RunEventName,
+    /// One JSON value, as text.
+    pub data: String,
+}
+
+/// The `event:` of a streamed turn.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnEventName {
+    Acp,
+    Result,
+    Error,
+}
+
+/// One event of a streamed `POST /sessions/{id}/turn`: `acp` for each JSON-RPC message acpx
+/// prints (`data`: that message), then `result` (`data`: the non-streaming answer) or
+/// `error` (`data`: the error envelope).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TurnEvent {
+    pub event: TurnEventName,
+    /// One JSON value, as text.
+    pub data: String,
+}
+
 // ---- Operations ------------------------------------------------------------------------
 
 #[utoipa::path(get, path = "/healthz", tag = "health",
@@ -91,7 +133,7 @@ pub fn healthz() {}
     description = "A one-shot `claude -p`. With `\"stream\": true` or `Accept: text/event-stream`: SSE (`event: claude` per line, then `event: result` or `event: error`).",
     request_body = RunBody,
     responses(
-        (status = 200, content((RunAnswer = "application/json"), (String = "text/event-stream"))),
+        (status = 200, content((RunAnswer = "application/json"), (RunEvent = "text/event-stream"))),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 402, description = "budget_exhausted", body = ErrorBody),
         (status = 403, description = "address or model not allowed", body = ErrorBody),
@@ -150,7 +192,7 @@ pub fn close_session() {}
 #[utoipa::path(post, path = "/sessions/{id}/turn", tag = "sessions", security(("app" = [])),
     params(("id" = String, Path)), request_body = TurnBody,
     responses(
-        (status = 200, content((TurnAnswer = "application/json"), (String = "text/event-stream"))),
+        (status = 200, content((TurnAnswer = "application/json"), (TurnEvent = "text/event-stream"))),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 402, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
