@@ -5,6 +5,12 @@
 use clawdforge::files::sanitize::{distinct, sanitize, MAX_NAME_BYTES};
 use libfuzzer_sys::fuzz_target;
 
+/// Windows device names, which must never be a stored name's stem.
+const DEVICE_NAMES: &[&str] = &[
+    "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8",
+    "COM9", "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
+];
+
 fn assert_safe(name: &str, original: &str) {
     assert!(!name.is_empty(), "{original:?}: empty");
     assert!(
@@ -25,6 +31,11 @@ fn assert_safe(name: &str, original: &str) {
         "{original:?} -> {name:?}: hidden or flag-like"
     );
     assert_eq!(name.trim(), name, "{original:?}: surrounding whitespace");
+    let stem = name.split('.').next().unwrap_or("").trim_end();
+    assert!(
+        !DEVICE_NAMES.iter().any(|d| d.eq_ignore_ascii_case(stem)),
+        "{original:?} -> {name:?}: a device name"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {

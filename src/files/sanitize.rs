@@ -23,10 +23,12 @@ const DEVICE_NAMES: &[&str] = &[
 /// - control characters (NUL, newlines, tabs, DEL, C1), invisible format characters (bidi
 ///   overrides, zero-width) and `: * ? " < > |` become `_`; surrounding whitespace goes;
 /// - nothing left, or only dots (`.`, `..`), becomes `file`;
-/// - a leading `.` or `-` (hidden files, names read as flags) and device names (`CON`) get a
-///   `_` in front;
 /// - longer than [`MAX_NAME_BYTES`] bytes, the stem is cut on a character boundary and a
-///   short extension is kept.
+///   short extension is kept;
+/// - then a leading `.` or `-` (hidden files, names read as flags) and device names (`CON`)
+///   get a `_` in front (after the cut, which can leave a device name: `con` and spaces).
+///
+/// A stored name is its own sanitised name.
 pub fn sanitize(original: &str) -> String {
     let last = original
         .rsplit(['/', '\\'])
@@ -40,17 +42,17 @@ pub fn sanitize(original: &str) -> String {
     if cleaned.chars().all(|c| c == '.') {
         return FALLBACK.to_string();
     }
-    let stem = cleaned.split('.').next().unwrap_or("");
-    let name = if cleaned.starts_with(['.', '-'])
+    let name = shorten(cleaned.to_string());
+    let stem = name.split('.').next().unwrap_or("");
+    if name.starts_with(['.', '-'])
         || DEVICE_NAMES
             .iter()
             .any(|d| d.eq_ignore_ascii_case(stem.trim_end()))
     {
-        format!("_{cleaned}")
-    } else {
-        cleaned.to_string()
-    };
-    shorten(name)
+        // The `_` may push it one byte over; cutting the end again keeps the `_`.
+        return shorten(format!("_{name}"));
+    }
+    name
 }
 
 fn is_unsafe(c: char) -> bool {
@@ -192,6 +194,20 @@ mod tests {
         // Cutting does not leave a stem ending in dots or spaces.
         let s = sanitize(&format!("{}{}.txt", "x".repeat(110), " .".repeat(20)));
         assert_eq!(s, format!("{}.txt", "x".repeat(110)));
+    }
+
+    #[test]
+    fn a_cut_that_leaves_a_device_name_still_gets_its_underscore() {
+        // Found by fuzz/fuzz_targets/filename.rs: `con`, 141 spaces and more was checked
+        // for a device name before the cut, which then left plain `con`.
+        let s = sanitize(&format!("con{}x9", " ".repeat(141)));
+        assert_eq!(s, "_con");
+        assert_eq!(sanitize(&s), s);
+        // Prefixing a name already at the limit cuts it again, keeping the extension.
+        let s = sanitize(&format!(".{}.txt", "a".repeat(200)));
+        assert_eq!(s.len(), MAX_NAME_BYTES);
+        assert!(s.starts_with("_.aaa") && s.ends_with("a.txt"), "{s}");
+        assert_eq!(sanitize(&s), s);
     }
 
     #[test]
