@@ -346,7 +346,8 @@ impl WarmPool {
                     _ = tokio::time::sleep(next.max(Duration::from_millis(50))) => pool.refill(),
                 }
             }
-            pool.shutdown().await;
+            // The idle processes are stopped by `App::serve`, which awaits `shutdown()`; doing
+            // it here too would race it and let serve return before they are gone.
         });
     }
 }
