@@ -66,6 +66,24 @@ fn open_writer(path: &Path) -> StoreResult<Connection> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
+    // Switching a new database to WAL takes an exclusive lock, and SQLite answers BUSY at
+    // once (without its busy handler) when two processes do it together, e.g. the server
+    // and `clawdforge tokens mint` on a fresh data dir: retry the whole open for a while.
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match try_open_writer(path) {
+            Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)))
+                if f.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn try_open_writer(path: &Path) -> StoreResult<Connection> {
     let mut conn = Connection::open(path)?;
     configure(&conn)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
