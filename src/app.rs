@@ -20,6 +20,7 @@ use crate::runner::warm::WarmPool;
 use crate::sessions::SessionManager;
 use crate::slots::Slots;
 use crate::store::Db;
+use crate::supervise::{Running, Supervisor};
 use crate::sweeper::Sweeper;
 
 /// How often batched `last_used_at` stamps are written.
@@ -51,7 +52,11 @@ pub struct AppState {
     pub warm: Arc<WarmPool>,
     /// Per-token admission (concurrency, rate) and the usage-limit block; see `governance`.
     pub governor: Governor,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
+    /// The one lifecycle of agent processes answering requests (runs, turns).
+    pub supervisor: Supervisor,
+    /// Runs in flight, cancellable by id.
+    pub runs: Running,
 }
 
 impl AppState {
@@ -150,10 +155,20 @@ impl App {
             config.settings.max_queue as usize,
             Duration::from_secs(config.settings.queue_timeout_secs),
         );
+        let metrics = Arc::new(Metrics::new(slots.clone(), probes.clone()));
+        let governor = Governor::default();
+        let supervisor = Supervisor::new(
+            db.clone(),
+            metrics.clone(),
+            governor.clone(),
+            shutdown.clone(),
+        );
         let state = Arc::new(AppState {
             warm,
-            metrics: Metrics::new(slots.clone(), probes.clone()),
-            governor: Governor::default(),
+            metrics,
+            governor,
+            supervisor,
+            runs: Running::default(),
             allow_cidrs: AllowList(config.settings.allow_cidrs.clone()),
             trusted_proxies: AllowList(config.settings.trusted_proxies.clone()),
             admin_digest: config

@@ -147,8 +147,8 @@ pub async fn turn(
     let streaming = params::wants_stream(body.stream, &headers);
     let prepared = sessions::prepare_turn(&state, &caller.token, &id, input).await?;
     if streaming {
-        return Ok(stream_answer("acp", move |tx| {
-            sessions::execute_turn(prepared, Some(tx), Default::default())
+        return Ok(stream_answer("acp", move |sink| {
+            sessions::execute_turn(prepared, Some(sink), Default::default())
         }));
     }
     Ok(ok(sessions::run_turn(prepared).await?).into_response())

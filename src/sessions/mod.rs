@@ -14,14 +14,14 @@ mod turn;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
 use crate::error::ApiError;
+pub use crate::supervise::{StopWhy, Stopper};
 use crate::util::{new_id, now_ms};
 use acpx::Target;
 use store::SessionRecord;
@@ -35,39 +35,6 @@ const CLOSE_LIMIT: Duration = Duration::from_secs(30);
 /// How long a cancel or close waits for the running turn to wind down. A turn stops
 /// within a few seconds however it is stopped; this only bounds a wedged one.
 const STOP_WAIT: Duration = Duration::from_secs(20);
-
-/// Why a running turn is stopped from outside.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopWhy {
-    /// `POST /sessions/{id}/cancel`: the turn answers 200 `stop_reason: "cancelled"`.
-    Cancel,
-    /// The session is being closed (DELETE, idle TTL, token revoked): 409 `session_closed`.
-    Close,
-}
-
-/// A request to stop, set at most once.
-#[derive(Clone, Default)]
-pub struct Stopper {
-    token: CancellationToken,
-    why: Arc<OnceLock<StopWhy>>,
-}
-
-impl Stopper {
-    pub fn stop(&self, why: StopWhy) {
-        let _ = self.why.set(why);
-        self.token.cancel();
-    }
-
-    /// Resolves once `stop` was called, with its reason.
-    pub async fn stopped(&self) -> StopWhy {
-        self.token.cancelled().await;
-        self.why.get().copied().unwrap_or(StopWhy::Cancel)
-    }
-
-    pub fn is_stopped(&self) -> bool {
-        self.token.is_cancelled()
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -248,7 +215,8 @@ pub async fn create(
         name: id.clone(),
     };
     let ensured = acpx::control(
-        state,
+        &state.config,
+        &state.db,
         &t,
         t.ensure_args(&input.model, input.system.as_deref()),
         ENSURE_LIMIT,
@@ -295,7 +263,7 @@ pub async fn create(
     if let Err(e) = state.db.write(move |c| store::insert(c, &row)).await {
         // A session without a row (a full disk) is nobody's: acpx closes it, and its queue
         // owner, records and dir go now rather than linger.
-        let _ = acpx::control(state, &t, t.close_args(), CLOSE_LIMIT).await;
+        let _ = acpx::control(&state.config, &state.db, &t, t.close_args(), CLOSE_LIMIT).await;
         let record_id = record.acpx_record_id.as_deref();
         if let (Some(home), Some(record_id)) = (state.home(), record_id) {
             acpx::stop_queue_owner(&home, record_id).await;
@@ -364,7 +332,7 @@ pub async fn close(state: &AppState, s: &SessionRecord, why: &str) -> Result<(),
         return Ok(());
     }
     let t = target(s);
-    match acpx::control(state, &t, t.close_args(), CLOSE_LIMIT).await {
+    match acpx::control(&state.config, &state.db, &t, t.close_args(), CLOSE_LIMIT).await {
         Ok(out) if out.code == Some(0) => {}
         Ok(out) => {
             tracing::warn!(session = %s.session_id, error = %out.error_message(), "acpx sessions close failed")
