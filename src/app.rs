@@ -2,7 +2,6 @@
 //! background tasks) and the serve loop with graceful shutdown.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use crate::auth::AllowList;
 use crate::config::Config;
 use crate::governance::Governor;
 use crate::http::extract::{admin_digest, LastUsed};
+use crate::http::serve::Limits;
 use crate::metrics::Metrics;
 use crate::probe::Probes;
 use crate::runner::warm::WarmPool;
@@ -209,28 +209,31 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
-        let stop = state.shutdown.clone();
-        let app = self
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let router = self.router();
         let sweeper = self.sweeper;
-        let signalled = CancellationToken::new();
-        let signalled_tx = signalled.clone();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let settings = &state.config.settings;
+        let limits = Limits {
+            header_timeout: Duration::from_secs(settings.header_timeout_secs),
+            body_timeout: Duration::from_secs(settings.body_timeout_secs),
+            max_connections: settings.max_connections as usize,
+            allow_cidrs: state.allow_cidrs.clone(),
+            trusted_proxies: state.trusted_proxies.clone(),
+        };
+        let stop = state.shutdown.clone();
+        let signal = tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down");
-            signalled_tx.cancel();
             stop.cancel();
         });
-        let server = tokio::spawn(async move { server.await });
-        let mut server = server;
-        tokio::select! {
-            res = &mut server => { res??; }
-            _ = async { signalled.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
-                tracing::warn!("in-flight requests did not finish in time; closing anyway");
-                server.abort();
-            }
-        }
+        crate::http::serve::serve(
+            listener,
+            router,
+            limits,
+            state.shutdown.clone(),
+            SHUTDOWN_GRACE,
+        )
+        .await;
+        signal.abort();
         state.shutdown.cancel();
         sweeper.stop().await;
         state.warm.shutdown().await;
