@@ -421,6 +421,24 @@ pub struct Settings {
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub metrics_open: bool,
 
+    /// Serve the operator console at `/`.
+    #[arg(long, global = true, env = "CLAWDFORGE_CONSOLE",
+          value_name = "CLAWDFORGE_CONSOLE", default_value = "true",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub console: bool,
+
+    /// Origins (`scheme://host[:port]`, comma-separated) whose browser pages may call the
+    /// app routes (CORS); credentials are never allowed.
+    #[arg(
+        long,
+        global = true,
+        env = "CLAWDFORGE_CORS_ORIGINS",
+        value_name = "CLAWDFORGE_CORS_ORIGINS",
+        value_delimiter = ',',
+        value_parser = parse_origin
+    )]
+    pub cors_origins: Vec<String>,
+
     /// Pre-started claude processes kept idle for /run (0 = off).
     #[arg(
         long,
@@ -478,6 +496,24 @@ pub struct Settings {
     pub log_format: LogFormat,
 }
 
+/// A browser origin as it appears in an `Origin` header: `http` or `https`, a host and an
+/// optional port, nothing after it (no path, not even a trailing `/`), lower case.
+fn parse_origin(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or("an origin starts with http:// or https://")?;
+    let host_ok = !rest.is_empty()
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+    if !host_ok {
+        return Err("an origin is scheme://host[:port], with no path".into());
+    }
+    Ok(s.to_ascii_lowercase())
+}
+
 /// The resolved configuration the server runs with. Built from [`Settings`]; tests build it
 /// the same way and may add `child_env_overrides` (values the children see, as if they had
 /// been in the server's own environment).
@@ -532,6 +568,25 @@ mod tests {
         assert!(err.to_string().contains("ALLOW_CIDRS"), "{err}");
         let err = Cli::try_parse_from(["clawdforge", "--listen", "nope"]).expect_err("must fail");
         assert!(err.to_string().contains("CLAWDFORGE_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn cors_origins_are_bare_origins() {
+        let cli = Cli::try_parse_from([
+            "clawdforge",
+            "--cors-origins",
+            "http://192.168.1.5:3000,https://Apps.lan",
+        ])
+        .expect("parses");
+        assert_eq!(
+            cli.settings.cors_origins,
+            ["http://192.168.1.5:3000", "https://apps.lan"]
+        );
+        for bad in ["apps.lan", "http://apps.lan/", "ftp://x", "http://"] {
+            let err =
+                Cli::try_parse_from(["clawdforge", "--cors-origins", bad]).expect_err("must fail");
+            assert!(err.to_string().contains("CLAWDFORGE_CORS_ORIGINS"), "{err}");
+        }
     }
 
     #[test]

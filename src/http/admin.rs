@@ -155,6 +155,8 @@ pub async fn revoke(
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     pub token_id: Option<String>,
+    pub kind: Option<String>,
+    pub outcome: Option<String>,
     pub limit: Option<u32>,
     pub before: Option<i64>,
 }
@@ -178,9 +180,16 @@ pub async fn audit(
             "limit must be 1..{AUDIT_PAGE_MAX}"
         )));
     }
+    // An empty filter value (a cleared form field) means no filter.
+    let given = |v: Option<String>| v.filter(|v| !v.is_empty());
+    let filter = audit::PageFilter {
+        token_id: given(q.token_id),
+        kind: given(q.kind),
+        outcome: given(q.outcome),
+    };
     let rows = state
         .db
-        .read(move |c| audit::page(c, q.token_id.as_deref(), q.before, limit))
+        .read(move |c| audit::page(c, &filter, q.before, limit))
         .await?;
     // A full page may have more behind it; a short one is the end.
     let next_before = if rows.len() as u32 == limit {

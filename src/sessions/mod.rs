@@ -304,6 +304,35 @@ pub async fn list(
     Ok(sessions)
 }
 
+/// Every token's sessions (for the operator), newest first, with `busy`.
+pub async fn list_all(
+    state: &AppState,
+    token_id: Option<String>,
+    status: Option<String>,
+) -> Result<Vec<SessionRecord>, ApiError> {
+    let mut sessions = state
+        .db
+        .read(move |c| store::list_all(c, token_id.as_deref(), status.as_deref()))
+        .await?;
+    for s in &mut sessions {
+        s.busy = state.sessions.busy(&s.session_id);
+    }
+    Ok(sessions)
+}
+
+/// Soft-closes any token's session for the operator, as its owner's close would; returns
+/// it as it is now (with `busy`) and whether it was open before.
+pub async fn close_any(state: &AppState, id: &str) -> Result<(SessionRecord, bool), ApiError> {
+    let lookup = id.to_string();
+    let s = state
+        .db
+        .read(move |c| store::get(c, &lookup))
+        .await?
+        .ok_or_else(|| ApiError::not_found("session"))?;
+    close(state, &s, "admin").await?;
+    Ok((get(state, &s.token_id, id).await?, s.status == "open"))
+}
+
 /// Cancels the caller's running turn; whether there was one.
 pub async fn cancel(state: &AppState, token_id: &str, id: &str) -> Result<bool, ApiError> {
     let s = get(state, token_id, id).await?;

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod binary;
+mod console;
 mod drills;
 #[path = "../common/fake_upstream.rs"]
 mod fake_upstream;
