@@ -11,17 +11,18 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::tokens;
 use crate::auth::AllowList;
 use crate::config::Config;
-use crate::governance::Governor;
+use crate::governance::{Admitter, Governor};
 use crate::http::extract::{admin_digest, LastUsed};
 use crate::http::serve::Limits;
 use crate::metrics::Metrics;
 use crate::probe::Probes;
 use crate::runner::warm::WarmPool;
-use crate::sessions::SessionManager;
+use crate::runner::Runner;
+use crate::sessions::Sessions;
 use crate::slots::Slots;
 use crate::store::Db;
-use crate::supervise::{Running, Supervisor};
-use crate::sweeper::Sweeper;
+use crate::supervise::Supervisor;
+use crate::sweeper::{Sweep, Sweeper};
 
 /// How often batched `last_used_at` stamps are written.
 const LAST_USED_FLUSH: Duration = Duration::from_secs(5);
@@ -44,10 +45,12 @@ pub struct AppState {
     pub admin_digest: Option<[u8; 32]>,
     /// Admission control for agent processes (runs and turns).
     pub slots: Slots,
-    /// What runs in which session now.
-    pub sessions: SessionManager,
-    /// Held by a sweep pass, so passes never overlap.
-    pub sweeping: tokio::sync::Mutex<()>,
+    /// Sessions and their turns.
+    pub sessions: Sessions,
+    /// One-shot runs.
+    pub runner: Runner,
+    /// A sweep pass's handles (`sweeper::sweep_once`).
+    pub sweep: Sweep,
     /// Pre-started claude processes for /run.
     pub warm: Arc<WarmPool>,
     /// Per-token admission (concurrency, rate) and the usage-limit block; see `governance`.
@@ -55,8 +58,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The one lifecycle of agent processes answering requests (runs, turns).
     pub supervisor: Supervisor,
-    /// Runs in flight, cancellable by id.
-    pub runs: Running,
+    /// The gate every run and turn passes before it spawns.
+    pub admitter: Admitter,
 }
 
 impl AppState {
@@ -73,7 +76,7 @@ impl AppState {
     /// Called after a token is revoked (by the admin API) to stop what it owns: its
     /// sessions are closed (a running turn is stopped first).
     pub async fn on_token_revoked(&self, token_id: &str) {
-        match crate::sessions::close_all_of(self, token_id).await {
+        match crate::sessions::close_all_of(&self.sessions, token_id).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 token_id,
@@ -158,17 +161,40 @@ impl App {
         let metrics = Arc::new(Metrics::new(slots.clone(), probes.clone()));
         let governor = Governor::default();
         let supervisor = Supervisor::new(
+            config.clone(),
             db.clone(),
             metrics.clone(),
             governor.clone(),
             shutdown.clone(),
+        );
+        let admitter = Admitter::new(db.clone(), governor.clone(), slots.clone());
+        let runner = Runner::new(
+            config.clone(),
+            warm.clone(),
+            admitter.clone(),
+            supervisor.clone(),
+        );
+        let sessions = Sessions::new(
+            config.clone(),
+            db.clone(),
+            admitter.clone(),
+            supervisor.clone(),
+        );
+        let sweep = Sweep::new(
+            config.clone(),
+            db.clone(),
+            sessions.clone(),
+            metrics.clone(),
         );
         let state = Arc::new(AppState {
             warm,
             metrics,
             governor,
             supervisor,
-            runs: Running::default(),
+            admitter,
+            runner,
+            sessions,
+            sweep: sweep.clone(),
             allow_cidrs: AllowList(config.settings.allow_cidrs.clone()),
             trusted_proxies: AllowList(config.settings.trusted_proxies.clone()),
             admin_digest: config
@@ -183,13 +209,11 @@ impl App {
             started_at: Instant::now(),
             last_used: LastUsed::default(),
             shutdown,
-            sessions: SessionManager::default(),
-            sweeping: tokio::sync::Mutex::new(()),
         });
         spawn_last_used_flusher(state.clone());
         // The start-up pass runs before the server listens, so nothing races it.
-        crate::sweeper::sweep_once(&state).await;
-        let sweeper = Sweeper::start(state.clone()).await?;
+        crate::sweeper::sweep_once(&sweep).await;
+        let sweeper = Sweeper::start(sweep, state.shutdown.clone()).await?;
         Ok(App { state, sweeper })
     }
 

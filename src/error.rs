@@ -60,6 +60,30 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// Every `code` an error answer can carry (see `ApiError::code`).
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    BudgetExhausted,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    Busy,
+    SessionClosed,
+    TooLarge,
+    Overloaded,
+    RateLimited,
+    UsageLimit,
+    UpstreamError,
+    OutputTooLarge,
+    Timeout,
+    InsufficientStorage,
+    Unavailable,
+    InternalError,
+}
+
 /// The error envelope, as sent.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
@@ -68,7 +92,7 @@ pub struct ErrorBody {
     /// A sentence for people; never internal details.
     pub error: String,
     /// What clients switch on.
-    #[schema(value_type = crate::http::openapi::ErrorCode)]
+    #[schema(value_type = ErrorCode)]
     pub code: &'static str,
 }
 

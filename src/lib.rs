@@ -29,6 +29,8 @@ pub mod error;
 pub mod files;
 pub mod governance;
 pub mod http;
+#[cfg(test)]
+mod layering;
 pub mod metrics;
 pub mod probe;
 pub mod process;

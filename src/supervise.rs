@@ -26,7 +26,8 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{self, Completion, Outcome};
+use crate::audit::{self, AuditEntry, Completion, Outcome};
+use crate::config::Config;
 use crate::error::ApiError;
 use crate::governance::Governor;
 use crate::metrics::Metrics;
@@ -177,9 +178,25 @@ enum Ending {
     TooLarge,
 }
 
+/// What a run or turn records and stages before its agent starts.
+pub struct Start<'a> {
+    pub token_id: &'a str,
+    /// The audit kind: `run` or `turn`.
+    pub kind: &'a str,
+    pub model: &'a str,
+    /// The run or session id.
+    pub subject: &'a str,
+    pub prompt: &'a str,
+    pub files: &'a [String],
+    pub dir: &'a std::path::Path,
+    /// Whether a pre-started process serves it (runs only).
+    pub warm: Option<bool>,
+}
+
 /// The handles the lifecycle uses, built once at start-up.
 #[derive(Clone)]
 pub struct Supervisor {
+    config: Arc<Config>,
     db: Db,
     metrics: Arc<Metrics>,
     governor: Governor,
@@ -188,17 +205,58 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn new(
+        config: Arc<Config>,
         db: Db,
         metrics: Arc<Metrics>,
         governor: Governor,
         shutdown: CancellationToken,
     ) -> Supervisor {
         Supervisor {
+            config,
             db,
             metrics,
             governor,
             shutdown,
         }
+    }
+
+    /// Copies the attached files into the working dir, builds the text the agent gets (the
+    /// prompt, then a line naming the attachments) and opens the audit row as `running`.
+    pub async fn stage_and_audit(&self, w: Start<'_>) -> Result<(String, AuditGuard), ApiError> {
+        let state = self;
+        let names = crate::files::stage_into(
+            &state.db,
+            &state.config.uploads_dir,
+            w.token_id,
+            w.files,
+            w.dir,
+        )
+        .await?;
+        let prompt_text = match crate::files::attachment_line(&names) {
+            Some(line) => format!("{}\n\n{line}", w.prompt),
+            None => w.prompt.to_string(),
+        };
+        let entry = AuditEntry {
+            token_id: Some(w.token_id.to_string()),
+            kind: w.kind.into(),
+            model: Some(w.model.to_string()),
+            prompt: state
+                .config
+                .settings
+                .audit_prompts
+                .then(|| w.prompt.to_string()),
+            prompt_chars: Some(w.prompt.chars().count() as i64),
+            outcome: Some(Outcome::Running),
+            subject: Some(w.subject.to_string()),
+            warm: w.warm,
+            ..Default::default()
+        };
+        let audit_id = state.db.write(move |c| audit::insert(c, &entry)).await?;
+        Ok((prompt_text, self.audit_guard(audit_id)))
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
     }
 
     /// An audit guard for row `id`, closing it through this supervisor's database.

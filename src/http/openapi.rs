@@ -12,7 +12,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::audit::AuditRow;
 use crate::auth::tokens::TokenRecord;
-use crate::error::ErrorBody;
+use crate::error::{ErrorBody, ErrorCode};
 use crate::files::FileRecord;
 use crate::governance::policy::{Policy, PolicyPatch};
 use crate::governance::usage::{LedgerRow, Totals};
@@ -27,30 +27,6 @@ use crate::http::usage::{BudgetState, DayUsage, ModelUsage, MonthUsage, UsageSum
 use crate::runner::RunAnswer;
 use crate::sessions::store::SessionRecord;
 use crate::sessions::TurnAnswer;
-
-/// Every `code` an error answer can carry (see `ApiError::code`).
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    BadRequest,
-    Unauthorized,
-    BudgetExhausted,
-    Forbidden,
-    NotFound,
-    MethodNotAllowed,
-    Busy,
-    SessionClosed,
-    TooLarge,
-    Overloaded,
-    RateLimited,
-    UsageLimit,
-    UpstreamError,
-    OutputTooLarge,
-    Timeout,
-    InsufficientStorage,
-    Unavailable,
-    InternalError,
-}
 
 /// What every successful JSON answer has besides its own fields.
 #[derive(Debug, Serialize, ToSchema)]

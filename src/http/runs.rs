@@ -49,7 +49,7 @@ pub async fn run(
         timeout: params::timeout(&state, body.timeout_secs)?,
     };
     let streaming = params::wants_stream(body.stream, &headers);
-    let prepared = runner::prepare(&state, &caller.token, input).await?;
+    let prepared = state.runner.prepare(&caller.token, input).await?;
     let run_id = HeaderValue::from_str(&prepared.run_id).ok();
     let mut res = if streaming {
         stream_answer("claude", move |sink| {
@@ -78,19 +78,8 @@ pub async fn cancel(
     State(state): State<Arc<AppState>>,
     ApiPath(run_id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let token_id = caller.token.id.clone();
-    if state.runs.cancel(&run_id, &token_id).await {
-        return Ok(ok(RunCancelled { cancelled: true }));
-    }
-    let id = run_id.clone();
-    let owner = state
-        .db
-        .read(move |c| crate::audit::run_owner(c, &id))
-        .await?;
-    match owner {
-        Some(owner) if owner == token_id => Ok(ok(RunCancelled { cancelled: false })),
-        _ => Err(ApiError::not_found("run")),
-    }
+    let cancelled = state.runner.cancel(&run_id, &caller.token.id).await?;
+    Ok(ok(RunCancelled { cancelled }))
 }
 
 /// Answers as SSE: one `event: <event>` per JSON line `work` sends into its sink, then

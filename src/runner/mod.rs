@@ -1,6 +1,6 @@
 //! One-shot runs: `claude -p` in a fresh staged working dir, supervised from spawn to exit.
-//! [`prepare`] does everything that can fail before an answer starts (admission through
-//! `governance::admit`, dir, files, audit row), so those failures are plain JSON even for streaming requests; [`execute`]
+//! [`Runner::prepare`] does everything that can fail before an answer starts (admission
+//! through `governance::Admitter`, dir, files, audit row), so those failures are plain JSON even for streaming requests; [`execute`]
 //! runs the CLI, optionally forwarding each stream-json line, and closes the audit row
 //! before the answer leaves.
 
@@ -16,14 +16,17 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::AppState;
-use crate::audit::{self, AuditEntry, Outcome};
+use crate::audit::{self, Outcome};
 use crate::auth::tokens::TokenRecord;
+use crate::config::Config;
 use crate::error::ApiError;
-use crate::governance::{self, Admission};
+use crate::governance::{Admission, Admitter};
 use crate::process::{child_env, Proc, Spec};
-use crate::supervise::{AuditGuard, Child, Fold, Job, Kind, Metered, Registration, Sink};
+use crate::supervise::{
+    AuditGuard, Child, Fold, Job, Kind, Metered, Registration, Running, Sink, Start, Supervisor,
+};
 use crate::util::new_id;
+use warm::WarmPool;
 
 /// A validated `/run` request.
 #[derive(Debug, Clone)]
@@ -64,10 +67,20 @@ impl Drop for DirGuard {
     }
 }
 
+/// Runs `claude -p` for `/run`, with the handles that takes: built once at start-up.
+#[derive(Clone)]
+pub struct Runner {
+    config: Arc<Config>,
+    warm: Arc<WarmPool>,
+    admitter: Admitter,
+    supervisor: Supervisor,
+    runs: Running,
+}
+
 /// A run ready to start: it holds its admission (slot and the token's in-flight count), dir
 /// and open audit row.
 pub struct Prepared {
-    state: Arc<AppState>,
+    runner: Runner,
     pub run_id: String,
     input: RunInput,
     prompt_text: String,
@@ -80,14 +93,58 @@ pub struct Prepared {
     _admission: Admission,
 }
 
-/// Admits the run under the token's policy (waiting in line for a slot), makes the run dir,
-/// stages the files, opens the audit row.
-pub async fn prepare(
-    state: &Arc<AppState>,
+impl Runner {
+    pub fn new(
+        config: Arc<Config>,
+        warm: Arc<WarmPool>,
+        admitter: Admitter,
+        supervisor: Supervisor,
+    ) -> Runner {
+        Runner {
+            config,
+            warm,
+            admitter,
+            supervisor,
+            runs: Running::default(),
+        }
+    }
+
+    /// Admits the run under the token's policy (waiting in line for a slot), makes the run
+    /// dir, stages the files, opens the audit row.
+    pub async fn prepare(
+        &self,
+        token: &TokenRecord,
+        input: RunInput,
+    ) -> Result<Prepared, ApiError> {
+        prepare(self, token, input).await
+    }
+
+    /// Cancels `token_id`'s run `run_id` and waits until it has ended: `true`; `false` when
+    /// that run of this token has already ended; `not_found` for an unknown run or another
+    /// token's.
+    pub async fn cancel(&self, run_id: &str, token_id: &str) -> Result<bool, ApiError> {
+        if self.runs.cancel(run_id, token_id).await {
+            return Ok(true);
+        }
+        let id = run_id.to_string();
+        let owner = self
+            .supervisor
+            .db()
+            .read(move |c| audit::run_owner(c, &id))
+            .await?;
+        match owner {
+            Some(owner) if owner == token_id => Ok(false),
+            _ => Err(ApiError::not_found("run")),
+        }
+    }
+}
+
+async fn prepare(
+    state: &Runner,
     token: &TokenRecord,
     input: RunInput,
 ) -> Result<Prepared, ApiError> {
-    let admission = governance::admit(state, token, &input.model).await?;
+    let admission = state.admitter.admit(token, &input.model).await?;
     let token_id = token.id.as_str();
     let key = warm::Key {
         model: input.model.clone(),
@@ -103,9 +160,9 @@ pub async fn prepare(
         }
     };
     let dir = DirGuard(dir);
-    let (prompt_text, audit) = stage_and_audit(
-        state,
-        Start {
+    let (prompt_text, audit) = state
+        .supervisor
+        .stage_and_audit(Start {
             token_id,
             kind: "run",
             model: &input.model,
@@ -114,12 +171,11 @@ pub async fn prepare(
             files: &input.files,
             dir: &dir.0,
             warm: Some(warm.is_some()),
-        },
-    )
-    .await?;
+        })
+        .await?;
     let registration = state.runs.register(&run_id, token_id);
     Ok(Prepared {
-        state: state.clone(),
+        runner: state.clone(),
         run_id,
         input,
         prompt_text,
@@ -129,58 +185,6 @@ pub async fn prepare(
         registration,
         _admission: admission,
     })
-}
-
-/// What a run or turn records and stages before its agent starts.
-pub(crate) struct Start<'a> {
-    pub token_id: &'a str,
-    /// The audit kind: `run` or `turn`.
-    pub kind: &'a str,
-    pub model: &'a str,
-    /// The run or session id.
-    pub subject: &'a str,
-    pub prompt: &'a str,
-    pub files: &'a [String],
-    pub dir: &'a std::path::Path,
-    /// Whether a pre-started process serves it (runs only).
-    pub warm: Option<bool>,
-}
-
-/// Copies the attached files into the working dir, builds the text the agent gets (the
-/// prompt, then a line naming the attachments) and opens the audit row as `running`.
-pub(crate) async fn stage_and_audit(
-    state: &Arc<AppState>,
-    w: Start<'_>,
-) -> Result<(String, AuditGuard), ApiError> {
-    let names = crate::files::stage_into(
-        &state.db,
-        &state.config.uploads_dir,
-        w.token_id,
-        w.files,
-        w.dir,
-    )
-    .await?;
-    let prompt_text = match crate::files::attachment_line(&names) {
-        Some(line) => format!("{}\n\n{line}", w.prompt),
-        None => w.prompt.to_string(),
-    };
-    let entry = AuditEntry {
-        token_id: Some(w.token_id.to_string()),
-        kind: w.kind.into(),
-        model: Some(w.model.to_string()),
-        prompt: state
-            .config
-            .settings
-            .audit_prompts
-            .then(|| w.prompt.to_string()),
-        prompt_chars: Some(w.prompt.chars().count() as i64),
-        outcome: Some(Outcome::Running),
-        subject: Some(w.subject.to_string()),
-        warm: w.warm,
-        ..Default::default()
-    };
-    let audit_id = state.db.write(move |c| audit::insert(c, &entry)).await?;
-    Ok((prompt_text, state.supervisor.audit_guard(audit_id)))
 }
 
 /// The argv after the program: prompt on stdin, never here. `--flag=value` keeps a value
@@ -258,7 +262,7 @@ pub async fn execute(
     sink: Option<Sink>,
     gone: CancellationToken,
 ) -> Result<RunAnswer, ApiError> {
-    let state = p.state.clone();
+    let state = p.runner.clone();
     let prompt = std::mem::take(&mut p.prompt_text);
     let child = match p.warm.take() {
         Some(mut proc) => {

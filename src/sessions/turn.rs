@@ -24,18 +24,16 @@ use tokio_util::sync::CancellationToken;
 use super::acpx::{self, Target};
 use super::parse::TurnLog;
 use super::store::{self, SessionRecord};
-use super::{target, Claim};
-use crate::app::AppState;
+use super::{target, Claim, Sessions};
 use crate::audit::{Completion, Outcome};
 use crate::auth::tokens::TokenRecord;
 use crate::config::{Config, SessionPermissions};
 use crate::error::ApiError;
-use crate::governance::{self, Admission};
+use crate::governance::Admission;
 use crate::runner::parse::{clip, judge, usage_limit};
-use crate::runner::{stage_and_audit, Start};
 use crate::store::Db;
 use crate::supervise::{
-    self, AuditGuard, Child, Fold, Job, Kind, Metered, Sink, StopWhy, SOFT_STOP_GRACE,
+    self, AuditGuard, Child, Fold, Job, Kind, Metered, Sink, Start, StopWhy, SOFT_STOP_GRACE,
 };
 use crate::util::now_ms;
 
@@ -74,7 +72,7 @@ pub struct TurnAnswer {
 
 /// A turn ready to start: it holds the session, its slot and its open audit row.
 pub struct PreparedTurn {
-    state: Arc<AppState>,
+    state: Sessions,
     session: SessionRecord,
     claim: Claim,
     /// `None` when the turn was cancelled or its session closed while it waited for one.
@@ -90,7 +88,7 @@ pub struct PreparedTurn {
 /// slot (waiting in line), stages the attachments into the session's dir and opens the
 /// audit row.
 pub async fn prepare_turn(
-    state: &Arc<AppState>,
+    state: &Sessions,
     token: &TokenRecord,
     id: &str,
     input: TurnInput,
@@ -104,18 +102,18 @@ pub async fn prepare_turn(
         }
     };
     let s = open(super::get(state, token_id, id).await?)?;
-    let claim = state.sessions.claim_turn(&s.session_id)?;
+    let claim = state.active.claim_turn(&s.session_id)?;
     // A close may have finished between the first read and the claim.
     let s = open(super::get(state, token_id, id).await?)?;
     let slot = tokio::select! {
-        admitted = governance::admit(state, token, &s.model) => Some(admitted?),
+        admitted = state.admitter.admit(token, &s.model) => Some(admitted?),
         _ = claim.stop.stopped() => None,
     };
     let cwd = PathBuf::from(&s.cwd);
     tokio::fs::create_dir_all(&cwd).await?;
-    let (prompt_text, audit) = stage_and_audit(
-        state,
-        Start {
+    let (prompt_text, audit) = state
+        .supervisor
+        .stage_and_audit(Start {
             token_id,
             kind: "turn",
             model: &s.model,
@@ -124,9 +122,8 @@ pub async fn prepare_turn(
             files: &input.files,
             dir: &cwd,
             warm: None,
-        },
-    )
-    .await?;
+        })
+        .await?;
     Ok(PreparedTurn {
         state: state.clone(),
         session: s,
