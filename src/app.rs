@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::governance::Governor;
 use crate::http::extract::{admin_digest, LastUsed};
 use crate::http::serve::Limits;
+use crate::lock::DataDirLock;
 use crate::metrics::Metrics;
 use crate::probe::Probes;
 use crate::runner::warm::WarmPool;
@@ -86,6 +87,8 @@ impl AppState {
 pub struct App {
     state: Arc<AppState>,
     sweeper: Sweeper,
+    /// Released when the app is dropped, after the database is closed.
+    lock: DataDirLock,
 }
 
 impl App {
@@ -102,6 +105,8 @@ impl App {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         }
+        // Before anything looks at processes or rows another live server may own.
+        let lock = DataDirLock::acquire(&config.settings.data_dir)?;
         let db = Db::open(&config.db_path)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.db_path.display()))?;
         // Whatever the previous process left running is killed before its rows are
@@ -175,7 +180,11 @@ impl App {
         // The start-up pass runs before the server listens, so nothing races it.
         crate::sweeper::sweep_once(&state).await;
         let sweeper = Sweeper::start(state.clone()).await?;
-        Ok(App { state, sweeper })
+        Ok(App {
+            state,
+            sweeper,
+            lock,
+        })
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -196,6 +205,7 @@ impl App {
         let state = self.state.clone();
         let router = self.router();
         let sweeper = self.sweeper;
+        let lock = self.lock;
         let settings = &state.config.settings;
         let limits = Limits {
             header_timeout: Duration::from_secs(settings.header_timeout_secs),
@@ -224,6 +234,7 @@ impl App {
         state.warm.shutdown().await;
         flush_last_used(&state).await;
         state.db.clone().close().await;
+        drop(lock);
         Ok(())
     }
 }

@@ -28,6 +28,7 @@ pub mod error;
 pub mod files;
 pub mod governance;
 pub mod http;
+pub mod lock;
 pub mod metrics;
 pub mod probe;
 pub mod process;

@@ -298,3 +298,53 @@ async fn sigterm_with_slow_sockets_open_does_not_wait_for_them() {
         assert!(until_closed(&mut sock).await.is_empty());
     }
 }
+
+#[test]
+fn a_second_server_on_the_same_data_dir_refuses_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = crate::binary::serve(dir.path(), &[]);
+    let out = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", dir.path())
+        .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
+        .env("CLAUDE_BIN", crate::harness::stub("claude"))
+        .env("ACPX_BIN", crate::harness::stub("acpx"))
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("pid {}", served.child.id())) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    // The first one was left alone: its lock file still names it.
+    let holder = std::fs::read_to_string(dir.path().join("clawdforge.lock")).unwrap();
+    assert_eq!(holder.trim(), served.child.id().to_string());
+    // The offline subcommands work beside it.
+    let tokens = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", dir.path())
+        .args(["tokens", "list", "--json"])
+        .output()
+        .unwrap();
+    assert!(tokens.status.success(), "{tokens:?}");
+    let backup = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", dir.path())
+        .arg("backup")
+        .arg(dir.path().join("copy.db"))
+        .output()
+        .unwrap();
+    assert!(backup.status.success(), "{backup:?}");
+    let doctor = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", dir.path())
+        .env("CLAUDE_BIN", crate::harness::stub("claude"))
+        .env("ACPX_BIN", crate::harness::stub("acpx"))
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        report.contains("\"checks\"") || report.starts_with('{'),
+        "{doctor:?}"
+    );
+    assert!(!String::from_utf8_lossy(&doctor.stderr).contains("in use"));
+}
