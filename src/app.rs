@@ -107,6 +107,15 @@ impl App {
         }
         // Before anything looks at processes or rows another live server may own.
         let lock = DataDirLock::acquire(&config.settings.data_dir)?;
+        let damage = crate::store::damage(&config.db_path);
+        if !damage.is_empty() {
+            anyhow::bail!(
+                "{} is damaged ({}); refusing to serve it. Fix: {}",
+                config.db_path.display(),
+                damage.join("; "),
+                crate::doctor::DB_FIX
+            );
+        }
         let db = Db::open(&config.db_path)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.db_path.display()))?;
         // Whatever the previous process left running is killed before its rows are
