@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::governance::{Admitter, Governor};
 use crate::http::extract::{admin_digest, LastUsed};
 use crate::http::serve::Limits;
+use crate::lock::DataDirLock;
 use crate::metrics::Metrics;
 use crate::probe::Probes;
 use crate::runner::warm::WarmPool;
@@ -94,6 +95,8 @@ impl AppState {
 pub struct App {
     state: Arc<AppState>,
     sweeper: Sweeper,
+    /// Released when the app is dropped, after the database is closed.
+    lock: DataDirLock,
 }
 
 impl App {
@@ -109,6 +112,17 @@ impl App {
         ] {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        }
+        // Before anything looks at processes or rows another live server may own.
+        let lock = DataDirLock::acquire(&config.settings.data_dir)?;
+        let damage = crate::store::damage(&config.db_path);
+        if !damage.is_empty() {
+            anyhow::bail!(
+                "{} is damaged ({}); refusing to serve it. Fix: {}",
+                config.db_path.display(),
+                damage.join("; "),
+                crate::doctor::DB_FIX
+            );
         }
         let db = Db::open(&config.db_path)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.db_path.display()))?;
@@ -214,7 +228,11 @@ impl App {
         // The start-up pass runs before the server listens, so nothing races it.
         crate::sweeper::sweep_once(&sweep).await;
         let sweeper = Sweeper::start(sweep, state.shutdown.clone()).await?;
-        Ok(App { state, sweeper })
+        Ok(App {
+            state,
+            sweeper,
+            lock,
+        })
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -235,6 +253,7 @@ impl App {
         let state = self.state.clone();
         let router = self.router();
         let sweeper = self.sweeper;
+        let lock = self.lock;
         let settings = &state.config.settings;
         let limits = Limits {
             header_timeout: Duration::from_secs(settings.header_timeout_secs),
@@ -263,6 +282,7 @@ impl App {
         state.warm.shutdown().await;
         flush_last_used(&state).await;
         state.db.clone().close().await;
+        drop(lock);
         Ok(())
     }
 }

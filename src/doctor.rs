@@ -409,7 +409,7 @@ fn dir_check(name: &'static str, setting: &str, dir: &Path, creator: &str) -> Ch
     }
 }
 
-const DB_FIX: &str = "stop the server and restore the latest copy made by `clawdforge backup` \
+pub const DB_FIX: &str = "stop the server and restore the latest copy made by `clawdforge backup` \
      (README, \"Back up and restore\")";
 
 /// `PRAGMA integrity_check` on a read-only connection, so a running server is not

@@ -31,6 +31,7 @@ pub mod governance;
 pub mod http;
 #[cfg(test)]
 mod layering;
+pub mod lock;
 pub mod metrics;
 pub mod probe;
 pub mod process;

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -99,7 +98,7 @@ pub async fn output_of(
     program: &std::path::Path,
     args: &[&str],
 ) -> Result<std::process::Output, ProbeError> {
-    let mut cmd = Command::new(program);
+    let mut cmd = crate::process::dying_with_server(program);
     cmd.args(args)
         .env_clear()
         .envs(child_env(config))

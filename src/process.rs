@@ -72,6 +72,20 @@ pub fn find_setpriv() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// A command for `program` that gets SIGKILL when the server dies, however it dies (through
+/// `setpriv` when installed). Every child the server starts is built from this: agents and
+/// the short CLI probes alike.
+pub fn dying_with_server(program: &std::path::Path) -> Command {
+    match find_setpriv() {
+        Some(setpriv) => {
+            let mut c = Command::new(setpriv);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -128,14 +142,7 @@ impl Proc {
     /// Starts `spec` in its own process group and records it in `live_processes` (when a
     /// database is given) before returning.
     pub async fn spawn(spec: Spec, db: Option<&Db>) -> Result<Proc, ProcError> {
-        let mut cmd = match find_setpriv() {
-            Some(setpriv) => {
-                let mut c = Command::new(setpriv);
-                c.args(["--pdeathsig", "KILL", "--"]).arg(&spec.program);
-                c
-            }
-            None => Command::new(&spec.program),
-        };
+        let mut cmd = dying_with_server(&spec.program);
         cmd.args(&spec.args)
             .current_dir(&spec.cwd)
             .env_clear()

@@ -80,7 +80,7 @@ pub async fn status(
     Ok(ok(Status {
         ready: report.ok,
         checks,
-        health: health(&state),
+        health: health(&state).await,
         processes_running: state.slots.running(),
         queue_depth: state.slots.queued(),
         max_concurrent: state.config.settings.max_concurrent,
@@ -121,7 +121,7 @@ pub async fn sessions(
         Some(_) => return Err(ApiError::bad_request("status must be open or closed")),
     };
     let token_id = q.token_id.filter(|t| !t.is_empty());
-    let list = sessions::list_all(&state, token_id, status).await?;
+    let list = sessions::list_all(&state.sessions, token_id, status).await?;
     let names: HashMap<String, String> = state
         .db
         .read(tokens::list)
@@ -149,7 +149,7 @@ pub async fn close_session(
     State(state): State<Arc<AppState>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let (session, was_open) = sessions::close_any(&state, &id).await?;
+    let (session, was_open) = sessions::close_any(&state.sessions, &id).await?;
     let token_id = session.token_id.clone();
     let token_name = state
         .db

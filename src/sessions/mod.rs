@@ -345,7 +345,7 @@ pub async fn list(
 
 /// Every token's sessions (for the operator), newest first, with `busy`.
 pub async fn list_all(
-    state: &AppState,
+    state: &Sessions,
     token_id: Option<String>,
     status: Option<String>,
 ) -> Result<Vec<SessionRecord>, ApiError> {
@@ -354,14 +354,14 @@ pub async fn list_all(
         .read(move |c| store::list_all(c, token_id.as_deref(), status.as_deref()))
         .await?;
     for s in &mut sessions {
-        s.busy = state.sessions.busy(&s.session_id);
+        s.busy = state.active.busy(&s.session_id);
     }
     Ok(sessions)
 }
 
 /// Soft-closes any token's session for the operator, as its owner's close would; returns
 /// it as it is now (with `busy`) and whether it was open before.
-pub async fn close_any(state: &AppState, id: &str) -> Result<(SessionRecord, bool), ApiError> {
+pub async fn close_any(state: &Sessions, id: &str) -> Result<(SessionRecord, bool), ApiError> {
     let lookup = id.to_string();
     let s = state
         .db

@@ -53,6 +53,8 @@ pub struct Db {
     writer: mpsc::UnboundedSender<Msg>,
     readers: Arc<Mutex<Vec<Connection>>>,
     path: PathBuf,
+    /// The file opened, to notice it being deleted or replaced while the server runs.
+    identity: Option<(u64, u64)>,
     writer_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -112,7 +114,43 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
+/// `PRAGMA quick_check` on the database at `path`, if it exists: the problems it reports
+/// (empty when the file is sound). A file SQLite cannot even read counts as one problem.
+/// Run before serving: a damaged file otherwise serves wrong answers quietly (valid tokens
+/// unknown, the usage ledger read as zero, i.e. budgets reset).
+pub fn damage(path: &Path) -> Vec<String> {
+    if !path.exists() {
+        return Vec::new();
+    }
+    let check = || -> rusqlite::Result<Vec<String>> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        configure(&conn)?;
+        let mut stmt = conn.prepare("PRAGMA quick_check(20)")?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows.into_iter().filter(|r| r != "ok").collect())
+    };
+    check().unwrap_or_else(|e| vec![e.to_string()])
+}
+
+/// Which file a path names: (device, inode).
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 impl Db {
+    /// Whether storage still works as opened: the database path still names the file this
+    /// handle writes to (not deleted or replaced under it), and `dir` takes a new file.
+    pub fn storage_sound(&self, dir: &Path) -> bool {
+        identity(&self.path).is_some_and(|now| Some(now) == self.identity)
+            && tempfile::Builder::new()
+                .prefix(".clawdforge-probe-")
+                .tempfile_in(dir)
+                .is_ok()
+    }
+
     /// Opens (creating if needed) the database at `path`, applies migrations, and starts
     /// the writer thread.
     pub fn open(path: &Path) -> StoreResult<Db> {
@@ -131,6 +169,7 @@ impl Db {
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
             path: path.to_path_buf(),
+            identity: identity(path),
             writer_thread: Arc::new(Mutex::new(Some(handle))),
         })
     }

@@ -298,3 +298,153 @@ async fn sigterm_with_slow_sockets_open_does_not_wait_for_them() {
         assert!(until_closed(&mut sock).await.is_empty());
     }
 }
+
+#[test]
+fn a_second_server_on_the_same_data_dir_refuses_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = crate::binary::serve(dir.path(), &[]);
+    let out = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", dir.path())
+        .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
+        .env("CLAUDE_BIN", crate::harness::stub("claude"))
+        .env("ACPX_BIN", crate::harness::stub("acpx"))
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("pid {}", served.child.id())) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    // The first one was left alone: its lock file still names it.
+    let holder = std::fs::read_to_string(dir.path().join("clawdforge.lock")).unwrap();
+    assert_eq!(holder.trim(), served.child.id().to_string());
+    // The offline subcommands work beside it.
+    let tokens = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", dir.path())
+        .args(["tokens", "list", "--json"])
+        .output()
+        .unwrap();
+    assert!(tokens.status.success(), "{tokens:?}");
+    let backup = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", dir.path())
+        .arg("backup")
+        .arg(dir.path().join("copy.db"))
+        .output()
+        .unwrap();
+    assert!(backup.status.success(), "{backup:?}");
+    let doctor = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", dir.path())
+        .env("CLAUDE_BIN", crate::harness::stub("claude"))
+        .env("ACPX_BIN", crate::harness::stub("acpx"))
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        report.contains("\"checks\"") || report.starts_with('{'),
+        "{doctor:?}"
+    );
+    assert!(!String::from_utf8_lossy(&doctor.stderr).contains("in use"));
+}
+
+#[test]
+fn a_damaged_database_is_refused_at_start_up_with_the_doctors_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["a", "b", "c"] {
+        let out = crate::binary::bin()
+            .env("CLAWDFORGE_DATA_DIR", dir.path())
+            .args(["tokens", "mint", "--name", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let db = dir.path().join("clawdforge.db");
+    // Zero bytes inside every page after the first (the schema page stays readable, so
+    // the file opens and looks fine until its pages are read).
+    let mut bytes = std::fs::read(&db).unwrap();
+    let page = 4096;
+    assert!(bytes.len() > 2 * page, "the database has several pages");
+    for start in (page..bytes.len()).step_by(page) {
+        let end = (start + 200).min(bytes.len());
+        bytes[start..end].fill(0);
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let out = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", dir.path())
+        .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
+        .env("CLAUDE_BIN", crate::harness::stub("claude"))
+        .env("ACPX_BIN", crate::harness::stub("acpx"))
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is damaged") && stderr.contains("clawdforge backup"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening"), "{stderr}");
+}
+
+#[tokio::test]
+async fn healthz_reports_storage_failing_when_the_data_dir_goes() {
+    let s = TestServer::start().await;
+    let health = || async {
+        let (st, v) =
+            crate::harness::body(s.req(Method::GET, "/healthz").send().await.unwrap()).await;
+        assert_eq!(st, 200, "{v}");
+        v["storage"].as_str().unwrap().to_string()
+    };
+    assert_eq!(health().await, "ok");
+    // The database replaced under the server: the path names another file now.
+    let db = s.data_dir().join("clawdforge.db");
+    let copy = s.data_dir().join("copy.db");
+    std::fs::copy(&db, &copy).unwrap();
+    std::fs::rename(&copy, &db).unwrap();
+    assert_eq!(health().await, "failing");
+    // The whole data dir deleted.
+    std::fs::remove_dir_all(s.data_dir()).unwrap();
+    assert_eq!(health().await, "failing");
+}
+
+#[tokio::test]
+async fn probe_children_die_with_the_server() {
+    if clawdforge::process::find_setpriv().is_none() {
+        eprintln!("SKIPPED: setpriv (util-linux) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("probe-pids");
+    // A CLI whose every probe hangs: it notes its pid, then becomes `sleep` (same process).
+    let cli = dir.path().join("hanging-cli");
+    std::fs::write(
+        &cli,
+        format!("#!/bin/sh\necho $$ >> {}\nexec sleep 600\n", pids.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cli, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut server = crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", dir.path().join("data"))
+        .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
+        .env("CLAUDE_BIN", &cli)
+        .env("ACPX_BIN", &cli)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let read_pids = || -> Vec<i32> {
+        std::fs::read_to_string(&pids)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    eventually("the first probe started", || !read_pids().is_empty()).await;
+    let probes = read_pids();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    for pid in probes {
+        eventually("a probe child died with its server", || !alive(pid)).await;
+    }
+}
