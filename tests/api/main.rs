@@ -4,6 +4,7 @@
 
 mod binary;
 mod console;
+mod console_browser;
 mod drills;
 #[path = "../common/fake_upstream.rs"]
 mod fake_upstream;
