@@ -611,6 +611,7 @@ async function start() {
     drawAudit().catch((x) => say(x.message));
   });
   window.addEventListener("hashchange", () => {
+    say("");
     // Leaving Apps forgets a plaintext still on screen: it is shown once.
     hidePlaintext();
     route();
