@@ -527,6 +527,14 @@ async function drawSessions() {
       { label: "Action", value: close },
     ], list),
   );
+  drawn("sessions-body");
+}
+
+/// Counts the times a view was drawn (`data-draws`), so a test can wait for the redraw
+/// a click causes rather than read the table it replaces.
+function drawn(id) {
+  const node = $(id);
+  node.dataset.draws = String(Number(node.dataset.draws || 0) + 1);
 }
 
 // ---- Audit ------------------------------------------------------------------------------
@@ -559,6 +567,7 @@ async function drawAudit() {
     ], page.rows),
   );
   $("audit-page").textContent = `Page ${auditStack.length}`;
+  drawn("audit-body");
   $("audit-newer").disabled = auditStack.length === 1;
   const older = $("audit-older");
   older.disabled = page.next_before === null;

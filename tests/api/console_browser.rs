@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::harness::{repo_root, TestServer, ADMIN};
+use crate::harness::{eventually, repo_root, TestServer, ADMIN};
 use crate::sessions::open_session;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -42,10 +42,28 @@ async fn the_console_works_in_a_real_browser() {
     let (recipes, recipes_token) = s
         .mint_with(json!({"name": "recipes", "budget_usd_per_day": 5, "budget_usd_per_month": 50}))
         .await;
-    let (garden, _) = s.mint("garden").await;
+    let (garden, garden_token) = s.mint("garden").await;
     let month = previous_month();
     let kept = open_session(&s, &recipes_token).await;
     let other = open_session(&s, &recipes_token).await;
+    // A turn that runs until cancelled, so the Sessions page has a busy session to mark.
+    let busy = open_session(&s, &garden_token).await;
+    let turn = {
+        let req = s
+            .app(
+                &garden_token,
+                reqwest::Method::POST,
+                &format!("/sessions/{busy}/turn"),
+            )
+            .json(&json!({"prompt": "@stub:hang", "timeout_secs": 300}));
+        tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
+    };
+    let state = s.state.clone();
+    let busy_id = busy.clone();
+    eventually("the garden turn is running", move || {
+        state.sessions.busy(&busy_id)
+    })
+    .await;
     {
         let db = rusqlite::Connection::open(s.data_dir().join("clawdforge.db")).unwrap();
         db.busy_timeout(Duration::from_secs(5)).unwrap();
@@ -95,6 +113,7 @@ async fn the_console_works_in_a_real_browser() {
         .env("CONSOLE_URL", &s.url)
         .env("ADMIN_BOOTSTRAP_TOKEN", ADMIN)
         .env("SEEDED_MONTH", &month)
+        .env("BUSY_SESSION", &busy)
         .env("SCREENSHOT_DIR", &shots)
         .stdin(Stdio::null())
         .kill_on_drop(true)
@@ -109,6 +128,23 @@ async fn the_console_works_in_a_real_browser() {
         out.status.success(),
         "console_test.py exited {:?}\nstdout: {stdout}\nstderr: {stderr}",
         out.status.code()
+    );
+    let (status, v) = crate::harness::body(
+        s.app(
+            &garden_token,
+            reqwest::Method::POST,
+            &format!("/sessions/{busy}/cancel"),
+        )
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!((status, v["cancelled"].as_bool()), (200, Some(true)), "{v}");
+    assert_eq!(
+        turn.await.unwrap().unwrap(),
+        200,
+        "the cancelled turn answers 200"
     );
     let report: Value = serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
         .unwrap_or_else(|_| panic!("no JSON report: {stdout}"));

@@ -1,8 +1,9 @@
 """The operator console in a real browser: Debian's chromium driven by Playwright.
 
 Run by tests/api/console_browser.rs against a live server it has seeded (two apps with
-usage in SEEDED_MONTH, two open sessions of "recipes", uploads in the audit log). Reads
-CONSOLE_URL, ADMIN_BOOTSTRAP_TOKEN, SEEDED_MONTH and SCREENSHOT_DIR from the environment;
+usage in SEEDED_MONTH, two open sessions of "recipes" and a busy one of "garden" (id in
+BUSY_SESSION), uploads in the audit log). Reads CONSOLE_URL, ADMIN_BOOTSTRAP_TOKEN,
+SEEDED_MONTH, BUSY_SESSION and SCREENSHOT_DIR from the environment;
 exits non-zero on the first failed check. Prints one JSON line for the Rust side to check
 the rows it left: {"minted_id": ..., "closed_session": ...}.
 """
@@ -21,6 +22,7 @@ URL = os.environ["CONSOLE_URL"]
 ADMIN = os.environ["ADMIN_BOOTSTRAP_TOKEN"]
 MONTH = os.environ["SEEDED_MONTH"]
 SHOTS = os.environ["SCREENSHOT_DIR"]
+BUSY = os.environ["BUSY_SESSION"]
 ARGS = [
     "--headless",
     "--no-sandbox",
@@ -71,6 +73,14 @@ def goto(page, heading):
     section = page.locator(f"#page-{heading.lower()}")
     expect(page.get_by_role("heading", level=1, name=heading)).to_be_visible()
     expect(section).to_have_attribute("data-ready", "true")
+
+
+def redraw(page, view_id, action):
+    """Does `action` and waits until the view `view_id` has been drawn again."""
+    view = page.locator(f"#{view_id}")
+    before = int(view.get_attribute("data-draws") or 0)
+    action()
+    expect(view).to_have_attribute("data-draws", str(before + 1))
 
 
 def accessible_names_missing(page):
@@ -264,8 +274,18 @@ def main():
         # ---- Sessions: every app's, close one ---------------------------------------
         goto(page, "Sessions")
         sessions = page.get_by_role("table", name="Sessions of every app")
-        expect(sessions.get_by_role("row")).to_have_count(3)  # header + 2
-        first = sessions.get_by_role("row").nth(1)
+        expect(sessions.get_by_role("row")).to_have_count(4)  # header + 3
+        busy_row = sessions.get_by_role("row").filter(has_text=BUSY)
+        expect(busy_row).to_contain_text("garden")
+        expect(busy_row.locator(".badge")).to_have_text("busy")
+        sf = page.locator("#sessions-form")
+        sf.get_by_label("App", exact=True).select_option(label="garden")
+        redraw(page, "sessions-body", lambda: sf.get_by_role("button", name="Show").click())
+        expect(sessions.get_by_role("row")).to_have_count(2)
+        sf.get_by_label("App", exact=True).select_option("")
+        redraw(page, "sessions-body", lambda: sf.get_by_role("button", name="Show").click())
+        expect(sessions.get_by_role("row")).to_have_count(4)
+        first = sessions.get_by_role("row").filter(has_text="recipes").first
         session_id = first.locator("code").inner_text()
         page.once("dialog", lambda d: d.accept())
         first.get_by_role("button", name="Close").click()
@@ -281,7 +301,7 @@ def main():
         af.get_by_label("Kind", exact=True).select_option("upload")
         af.get_by_label("Outcome", exact=True).select_option("error")
         af.get_by_label("Rows per page", exact=True).select_option("10")
-        page.get_by_role("button", name="Filter").click()
+        redraw(page, "audit-body", lambda: page.get_by_role("button", name="Filter").click())
         audit = page.get_by_role("table", name="Audit log, newest first")
         expect(page.locator("#audit-page")).to_have_text("Page 1")
         expect(audit.locator("tbody tr")).to_have_count(10)
@@ -296,25 +316,24 @@ def main():
         check(all(r[3] == "upload" and r[5] == "error" for r in page1), f"filtered rows: {page1}")
         ids1 = [int(r[0]) for r in page1]
         check(ids1 == sorted(ids1, reverse=True), f"newest first: {ids1}")
-        page.get_by_role("button", name="Older").click()
+        redraw(page, "audit-body", lambda: page.get_by_role("button", name="Older").click())
         expect(page.locator("#audit-page")).to_have_text("Page 2")
         page2 = rows()
         ids2 = [int(r[0]) for r in page2]
         check(len(ids2) == 5 and max(ids2) < min(ids1), f"page 2: {ids2} after {ids1}")
         check(page.get_by_role("button", name="Older").is_disabled(), "a third page of 15 rows")
-        page.get_by_role("button", name="Newer").click()
+        redraw(page, "audit-body", lambda: page.get_by_role("button", name="Newer").click())
         expect(page.locator("#audit-page")).to_have_text("Page 1")
         check([int(r[0]) for r in rows()] == ids1, "Newer returns to page 1")
         af.get_by_label("Kind", exact=True).select_option("")
         af.get_by_label("Outcome", exact=True).select_option("")
         af.get_by_label("App", exact=True).select_option(label="garden")
-        page.get_by_role("button", name="Filter").click()
+        redraw(page, "audit-body", lambda: page.get_by_role("button", name="Filter").click())
         expect(page.locator("#audit-page")).to_have_text("Page 1")
-        expect(audit.locator("tbody tr").first).to_be_visible()
         garden = rows()
         check(garden and all(r[2] == "garden" for r in garden), f"app filter: {garden}")
         af.get_by_label("App", exact=True).select_option("")
-        page.get_by_role("button", name="Filter").click()
+        redraw(page, "audit-body", lambda: page.get_by_role("button", name="Filter").click())
         expect(audit.locator("tbody tr")).to_have_count(10)
         shot(page, "audit")
 
