@@ -168,7 +168,7 @@ async function drawOverview() {
     ["Ready", s.ready ? "yes: every check passed" : "no: see the problems below"],
     ["claude", s.claude_present ? s.claude_version : "not found"],
     ["acpx", s.acpx_present ? s.acpx_version : "not found"],
-    ["Login", login ? (login.ok ? `logged in (${login.detail})` : `not logged in: ${login.detail}`) : "unknown"],
+    ["Login", login ? (login.ok ? login.detail : `problem: ${login.detail}`) : "unknown"],
     ["Warm pool", `${s.warm_pool.idle} idle of ${s.warm_pool.size} (hits ${s.warm_pool.hits}, misses ${s.warm_pool.misses})`],
     [
       "Warm sessions",

@@ -291,7 +291,9 @@ def main():
         first.get_by_role("button", name="Close").click()
         expect(page.locator("#status")).to_contain_text(f"Closed session {session_id}")
         closed_row = sessions.get_by_role("row").filter(has_text=session_id)
-        expect(closed_row).to_contain_text("closed")
+        expect(closed_row.locator(".badge")).to_have_text("closed")
+        expect(closed_row.locator(".badge")).to_be_visible()
+        check(closed_row.get_by_role("button", name="Close").count() == 0, "a closed session offers Close")
         out["closed_session"] = session_id
         shot(page, "sessions")
 
