@@ -4,10 +4,11 @@
 #
 # Two stages: a Rust toolchain image builds the binary, and a Node 22
 # image runs it, because the agent CLIs (`claude`, `acpx`, the ACP adapter) are
-# npm packages that need Node >= 22 (see shared CONTRACTS.md).
+# npm packages that need Node >= 22 (see docs/cli-behaviour.md). What the
+# server answers once it runs: docs/api.md.
 
-# The builder's toolchain. The crate's own MSRV is 1.85, but the locked
-# dependencies need up to 1.89 (scripts/lint-packaging.sh checks the tag against
+# The builder's toolchain. The crate's MSRV is 1.89, what the locked
+# dependencies need (scripts/lint-packaging.sh checks the tag against
 # Cargo.lock); pin a tag we have built with. bookworm on both
 # stages so the binary links against the same glibc it runs on.
 ARG RUST_IMAGE=rust:1.95-slim-bookworm

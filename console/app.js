@@ -168,7 +168,7 @@ async function drawOverview() {
     ["Ready", s.ready ? "yes: every check passed" : "no: see the problems below"],
     ["claude", s.claude_present ? s.claude_version : "not found"],
     ["acpx", s.acpx_present ? s.acpx_version : "not found"],
-    ["Login", login ? (login.ok ? `logged in (${login.detail})` : `not logged in: ${login.detail}`) : "unknown"],
+    ["Login", login ? (login.ok ? login.detail : `problem: ${login.detail}`) : "unknown"],
     ["Warm pool", `${s.warm_pool.idle} idle of ${s.warm_pool.size} (hits ${s.warm_pool.hits}, misses ${s.warm_pool.misses})`],
     [
       "Warm sessions",
@@ -527,6 +527,14 @@ async function drawSessions() {
       { label: "Action", value: close },
     ], list),
   );
+  drawn("sessions-body");
+}
+
+/// Counts the times a view was drawn (`data-draws`), so a test can wait for the redraw
+/// a click causes rather than read the table it replaces.
+function drawn(id) {
+  const node = $(id);
+  node.dataset.draws = String(Number(node.dataset.draws || 0) + 1);
 }
 
 // ---- Audit ------------------------------------------------------------------------------
@@ -559,6 +567,7 @@ async function drawAudit() {
     ], page.rows),
   );
   $("audit-page").textContent = `Page ${auditStack.length}`;
+  drawn("audit-body");
   $("audit-newer").disabled = auditStack.length === 1;
   const older = $("audit-older");
   older.disabled = page.next_before === null;
@@ -611,6 +620,7 @@ async function start() {
     drawAudit().catch((x) => say(x.message));
   });
   window.addEventListener("hashchange", () => {
+    say("");
     // Leaving Apps forgets a plaintext still on screen: it is shown once.
     hidePlaintext();
     route();

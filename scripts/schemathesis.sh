@@ -25,7 +25,7 @@ examples="${SCHEMATHESIS_EXAMPLES:-25}"
 limit="${SCHEMATHESIS_TIMEOUT:-900}"
 profile="${CLAWDFORGE_PROFILE:-release}"
 prog=schemathesis
-# shellcheck source=scripts/lib/stub-server.sh
+# shellcheck source=SCRIPTDIR/lib/stub-server.sh
 . scripts/lib/stub-server.sh
 require_tools cargo curl python3
 if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "version $version\$"; then

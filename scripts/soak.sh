@@ -30,7 +30,7 @@ max_rss_growth_kb=$(( ${SOAK_MAX_RSS_GROWTH_MB:-16} * 1024 ))
 max_fd_growth="${SOAK_MAX_FD_GROWTH:-16}"
 clients=$((2 * max_concurrent))
 prog=soak
-# shellcheck source=scripts/lib/stub-server.sh
+# shellcheck source=SCRIPTDIR/lib/stub-server.sh
 . scripts/lib/stub-server.sh
 require_tools cargo curl python3
 make_work_dir

@@ -29,6 +29,18 @@ if ! python3 -c 'import requests' >/dev/null 2>&1; then
   fi
 fi
 
+# The console's browser test (tests/api/console_browser.rs): Debian's chromium, and
+# Playwright for Python, pinned, in a venv of the tests' own (never `playwright install`:
+# it would download a browser build; the test launches /usr/bin/chromium).
+[ -x /usr/bin/chromium ] || scripts/apt-install.sh chromium
+if ! .venv-tests/bin/python -c 'import playwright' >/dev/null 2>&1 \
+  || ! .venv-tests/bin/pip freeze 2>/dev/null | grep -qxF "$(grep '^playwright==' tests/browser/requirements.txt)"; then
+  # Debian's own python3 makes venvs only with python3-venv (ensurepip) installed.
+  python3 -c 'import ensurepip' >/dev/null 2>&1 || scripts/apt-install.sh python3-venv
+  python3 -m venv .venv-tests
+  .venv-tests/bin/pip install --quiet --disable-pip-version-check -r tests/browser/requirements.txt
+fi
+
 # Dockerfile, compose.yml, shell scripts, .env.example: a finding fails the run.
 scripts/lint-packaging.sh
 

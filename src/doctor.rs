@@ -204,6 +204,19 @@ fn resolve(program: &Path, search_path: &str) -> Option<PathBuf> {
         .find(|p| is_executable(p))
 }
 
+/// Where `scripts/install-agents.sh` puts the CLIs in a clone (`./.agents`), as an absolute
+/// path, when `program` is a bare name found there.
+fn installed_here(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return None;
+    }
+    let local = std::env::current_dir()
+        .ok()?
+        .join(".agents/node_modules/.bin")
+        .join(program);
+    is_executable(&local).then_some(local)
+}
+
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -229,12 +242,31 @@ fn cli_check(
                 at.display()
             ),
         ),
-        (None, None) => Check::problem(
-            name,
-            Status::Fail,
-            format!("{} not found on the agents' PATH", program.display()),
-            format!("{INSTALL_FIX}, or set {setting} to the program"),
-        ),
+        (None, None) => match installed_here(program) {
+            // scripts/install-agents.sh put it in the clone, but this process's PATH (which
+            // the agents inherit) does not lead there.
+            Some(local) => Check::problem(
+                name,
+                Status::Fail,
+                format!(
+                    "{} not found on the agents' PATH, but {} exists",
+                    program.display(),
+                    local.display()
+                ),
+                format!(
+                    "run `scripts/serve.sh doctor` (it puts {} first on PATH), or add that dir \
+                     to PATH, or set {setting}={}",
+                    local.parent().unwrap_or(&local).display(),
+                    local.display()
+                ),
+            ),
+            None => Check::problem(
+                name,
+                Status::Fail,
+                format!("{} not found on the agents' PATH", program.display()),
+                format!("{INSTALL_FIX}, or set {setting} to the program"),
+            ),
+        },
     }
 }
 

@@ -13,10 +13,10 @@ use crate::app::AppState;
 use crate::audit::{self, AuditEntry};
 use crate::auth::tokens;
 use crate::doctor;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::http::extract::{AdminCaller, ApiPath, ApiQuery};
 use crate::http::health::{health, Health};
-use crate::http::ok;
+use crate::http::{ok, params};
 use crate::sessions::{self, store::SessionRecord};
 
 /// One of the doctor's checks.
@@ -115,11 +115,7 @@ pub async fn sessions(
     State(state): State<Arc<AppState>>,
     ApiQuery(q): ApiQuery<SessionsQuery>,
 ) -> ApiResult<impl IntoResponse> {
-    let status = match q.status.as_deref() {
-        None | Some("") => None,
-        Some(s @ ("open" | "closed")) => Some(s.to_string()),
-        Some(_) => return Err(ApiError::bad_request("status must be open or closed")),
-    };
+    let status = params::session_status(q.status)?;
     let token_id = q.token_id.filter(|t| !t.is_empty());
     let list = sessions::list_all(&state.sessions, token_id, status).await?;
     let names: HashMap<String, String> = state

@@ -99,3 +99,13 @@ pub fn wants_stream(flag: Option<bool>, headers: &axum::http::HeaderMap) -> bool
             .any(|v| v.contains("text/event-stream"))
     })
 }
+
+/// A session list's `status` filter: `open` or `closed`; absent or empty (a cleared form
+/// field) means both.
+pub fn session_status(status: Option<String>) -> ApiResult<Option<String>> {
+    match status.as_deref() {
+        None | Some("") => Ok(None),
+        Some("open" | "closed") => Ok(status),
+        Some(_) => Err(ApiError::bad_request("status must be open or closed")),
+    }
+}

@@ -83,11 +83,7 @@ pub async fn list(
     State(state): State<Arc<AppState>>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<impl IntoResponse> {
-    let status = match q.status.as_deref() {
-        None => None,
-        Some(s @ ("open" | "closed")) => Some(s.to_string()),
-        Some(_) => return Err(ApiError::bad_request("status must be open or closed")),
-    };
+    let status = params::session_status(q.status)?;
     let sessions = sessions::list(&state.sessions, &caller.token.id, status).await?;
     Ok(ok(SessionList { sessions }))
 }

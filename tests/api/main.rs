@@ -4,6 +4,8 @@
 
 mod binary;
 mod console;
+mod console_browser;
+mod docs;
 mod drills;
 #[path = "../common/fake_upstream.rs"]
 mod fake_upstream;

@@ -513,3 +513,31 @@ async fn smoke_script_passes_against_a_live_server() {
     }
     assert_smoke_cleaned_up(&s).await;
 }
+
+/// Outside the container, the CLIs `scripts/install-agents.sh` put in the clone's
+/// `./.agents` are not on the operator's PATH: doctor says where they are and how to use them.
+#[test]
+fn doctor_points_at_the_clis_installed_in_the_clone() {
+    let clone = tempfile::tempdir().unwrap();
+    let bin_dir = clone.path().join(".agents/node_modules/.bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    std::os::unix::fs::symlink(stub("claude"), bin_dir.join("claude")).unwrap();
+    std::os::unix::fs::symlink(stub("acpx"), bin_dir.join("acpx")).unwrap();
+    let mut cmd = bin();
+    cmd.current_dir(clone.path())
+        .env("PATH", "/usr/bin:/bin")
+        .env("CLAWDFORGE_DATA_DIR", clone.path().join("data"))
+        .env("HOME", clone.path().join("home"));
+    let (code, report) = doctor_json(&mut cmd);
+    assert_ne!(code, 0);
+    for name in ["claude", "acpx"] {
+        let c = check(&report, name);
+        assert_eq!(c["status"], "fail", "{c}");
+        let fix = c["fix"].as_str().unwrap();
+        assert!(fix.contains("scripts/serve.sh doctor"), "{fix}");
+        assert!(
+            fix.contains(&bin_dir.join(name).display().to_string()),
+            "{fix}"
+        );
+    }
+}
