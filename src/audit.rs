@@ -161,6 +161,17 @@ pub fn abandon_running(conn: &Connection) -> rusqlite::Result<usize> {
     )
 }
 
+/// The token that started run `run_id` (its row's subject), if the row is still kept.
+pub fn run_owner(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT token_id FROM audit WHERE kind = 'run' AND subject = ?1 ORDER BY id LIMIT 1",
+        [run_id],
+        |r| r.get::<_, Option<String>>(0),
+    )
+    .optional()
+    .map(Option::flatten)
+}
+
 /// Deletes rows older than `cutoff_ms`; returns how many.
 pub fn trim_before(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<usize> {
     conn.execute("DELETE FROM audit WHERE at < ?1", [cutoff_ms])

@@ -465,6 +465,25 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub probe_interval_secs: u64,
 
+    /// Seconds a connection may take to send a whole request head; also how long an idle
+    /// keep-alive connection is kept open waiting for its next request.
+    #[arg(long, global = true, env = "CLAWDFORGE_HEADER_TIMEOUT_SECS",
+          value_name = "CLAWDFORGE_HEADER_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_secs: u64,
+
+    /// Seconds a request body may stall (no byte) before the request ends with 408.
+    #[arg(long, global = true, env = "CLAWDFORGE_BODY_TIMEOUT_SECS",
+          value_name = "CLAWDFORGE_BODY_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_timeout_secs: u64,
+
+    /// Client connections served at once; beyond it new ones wait in the listen backlog.
+    #[arg(long, global = true, env = "CLAWDFORGE_MAX_CONNECTIONS",
+          value_name = "CLAWDFORGE_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
     /// Log format: text for people, json for collectors. Filter with RUST_LOG.
     #[arg(
         long,

@@ -7,7 +7,8 @@
 //! - [`auth`]: app tokens, the admin bearer, CIDR allowlists;
 //! - [`store`]: SQLite, its writer task and migrations;
 //! - [`audit`]: the audit log;
-//! - [`process`]: supervised agent processes (env allowlist, process groups, kills);
+//! - [`process`]: agent processes (env allowlist, process groups, kills);
+//! - [`supervise`]: the one lifecycle of an agent process answering a request;
 //! - [`runner`]: one-shot `claude -p` runs;
 //! - [`slots`]: admission control for agent processes;
 //! - [`governance`]: token policy, the usage ledger, and admission per token;
@@ -28,6 +29,8 @@ pub mod error;
 pub mod files;
 pub mod governance;
 pub mod http;
+#[cfg(test)]
+mod layering;
 pub mod metrics;
 pub mod probe;
 pub mod process;
@@ -35,6 +38,7 @@ pub mod runner;
 pub mod sessions;
 pub mod slots;
 pub mod store;
+pub mod supervise;
 pub mod sweeper;
 pub mod util;
 

@@ -26,7 +26,7 @@ pub fn parse_mint(body: Value) -> ApiResult<(String, Policy)> {
         return Err(ApiError::bad_request("expected a JSON object"));
     };
     let name = match fields.remove("name") {
-        Some(Value::String(name)) => parse_name(&name)?,
+        Some(Value::String(name)) => tokens::parse_name(&name)?,
         Some(_) => return Err(ApiError::bad_request("name must be a string")),
         None => return Err(ApiError::bad_request("name is required")),
     };
@@ -40,16 +40,6 @@ pub fn parse_mint(body: Value) -> ApiResult<(String, Policy)> {
 fn parse_patch(body: Value) -> ApiResult<PolicyPatch> {
     serde_json::from_value(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
-}
-
-pub fn parse_name(name: &str) -> ApiResult<String> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
-            "name must be 1 to 200 printable characters",
-        ));
-    }
-    Ok(name.to_string())
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

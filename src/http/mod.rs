@@ -2,6 +2,7 @@
 //! ids and request logging, and the envelope for answers axum would otherwise give itself.
 
 pub mod admin;
+pub mod conn;
 pub mod console;
 pub mod console_auth;
 pub mod extract;
@@ -12,6 +13,7 @@ pub mod openapi;
 pub mod operator;
 pub mod params;
 pub mod runs;
+pub mod serve;
 pub mod sessions;
 pub mod usage;
 
@@ -132,6 +134,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 fn app_routes(cors_origins: &[String]) -> Router<Arc<AppState>> {
     let routes = Router::new()
         .route("/run", post(runs::run))
+        .route("/runs/{run_id}/cancel", post(runs::cancel))
         .route("/sessions", get(sessions::list).post(sessions::create))
         .route("/sessions/{id}", get(sessions::get).delete(sessions::close))
         .route("/sessions/{id}/turn", post(sessions::turn))
@@ -200,7 +203,16 @@ async fn allowlist(
         // Without a peer address nothing can be checked: refuse rather than guess.
         return ApiError::Forbidden("client address unknown".into()).into_response();
     };
-    let ip = client_ip(peer.ip(), req.headers(), &state.trusted_proxies);
+    let ip = match client_ip(peer.ip(), req.headers(), &state.trusted_proxies) {
+        Ok(ip) => ip,
+        Err(e) => {
+            tracing::warn!(proxy = %peer.ip(), error = %e, "refused: unreadable X-Forwarded-For from a trusted proxy");
+            return ApiError::Forbidden(
+                "the forwarded client address cannot be read; refusing rather than guessing".into(),
+            )
+            .into_response();
+        }
+    };
     if !ip_allowed(ip, &state.allow_cidrs) {
         return ApiError::Forbidden("your address is not allowed to use this server".into())
             .into_response();

@@ -12,7 +12,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::audit::AuditRow;
 use crate::auth::tokens::TokenRecord;
-use crate::error::ErrorBody;
+use crate::error::{ErrorBody, ErrorCode};
 use crate::files::FileRecord;
 use crate::governance::policy::{Policy, PolicyPatch};
 use crate::governance::usage::{LedgerRow, Totals};
@@ -21,36 +21,12 @@ use crate::http::console::{ConsoleSession, SignInBody, SignedOut};
 use crate::http::files::UploadAnswer;
 use crate::http::health::Health;
 use crate::http::operator::{OwnedSession, OwnedSessionList, Status};
-use crate::http::runs::RunBody;
+use crate::http::runs::{RunBody, RunCancelled};
 use crate::http::sessions::{Cancelled, CreateBody, Created, SessionList, TurnBody};
 use crate::http::usage::{BudgetState, DayUsage, ModelUsage, MonthUsage, UsageSummary};
 use crate::runner::RunAnswer;
 use crate::sessions::store::SessionRecord;
 use crate::sessions::TurnAnswer;
-
-/// Every `code` an error answer can carry (see `ApiError::code`).
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    BadRequest,
-    Unauthorized,
-    BudgetExhausted,
-    Forbidden,
-    NotFound,
-    MethodNotAllowed,
-    Busy,
-    SessionClosed,
-    TooLarge,
-    Overloaded,
-    RateLimited,
-    UsageLimit,
-    UpstreamError,
-    OutputTooLarge,
-    Timeout,
-    InsufficientStorage,
-    Unavailable,
-    InternalError,
-}
 
 /// What every successful JSON answer has besides its own fields.
 #[derive(Debug, Serialize, ToSchema)]
@@ -132,7 +108,7 @@ pub struct TurnEvent {
 pub fn healthz() {}
 
 #[utoipa::path(post, path = "/run", tag = "runs", security(("app" = [])),
-    description = "A one-shot `claude -p`. With `\"stream\": true` or `Accept: text/event-stream`: SSE (`event: claude` per line, then `event: result` or `event: error`).",
+    description = "A one-shot `claude -p`. With `\"stream\": true` or `Accept: text/event-stream`: SSE (`event: claude` per line, then `event: result` or `event: error`). The answer's `X-Run-Id` header names the run (for `POST /runs/{run_id}/cancel`); a streamed answer sends it before the first event.",
     request_body = RunBody,
     responses(
         (status = 200, content((RunAnswer = "application/json"), (RunEvent = "text/event-stream"))),
@@ -202,6 +178,13 @@ pub fn close_session() {}
         (status = 413, body = ErrorBody), (status = 429, body = ErrorBody),
         (status = 502, body = ErrorBody), (status = 504, body = ErrorBody)))]
 pub fn turn() {}
+
+#[utoipa::path(post, path = "/runs/{run_id}/cancel", tag = "runs", security(("app" = [])),
+    params(("run_id" = String, Path, description = "From the run's `X-Run-Id` header")),
+    description = "Stops a running run of this token and answers once it has ended; the run itself answers 200 with `stop_reason: \"cancelled\"`. `cancelled: false`: the run already ended. Another token's run is 404, like an unknown one.",
+    responses((status = 200, body = RunCancelled), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub fn cancel_run() {}
 
 #[utoipa::path(post, path = "/sessions/{id}/cancel", tag = "sessions", security(("app" = [])),
     params(("id" = String, Path)),
@@ -350,7 +333,7 @@ impl Modify for Bearers {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "clawdforge", description = "A LAN appliance that brokers access to coding agents over HTTP. Every JSON answer is an envelope with `ok`; errors carry `error` and a stable `code`."),
-    paths(healthz, run, upload_file, get_file, delete_file, create_session, list_sessions,
+    paths(healthz, run, cancel_run, upload_file, get_file, delete_file, create_session, list_sessions,
           get_session, close_session, turn, cancel_turn, usage, mint_token, list_tokens,
           patch_token, rotate_token, revoke_token, audit, admin_usage, admin_status,
           admin_sessions, admin_close_session, console_sign_in, console_session,

@@ -117,7 +117,7 @@ pub async fn sessions(
 ) -> ApiResult<impl IntoResponse> {
     let status = params::session_status(q.status)?;
     let token_id = q.token_id.filter(|t| !t.is_empty());
-    let list = sessions::list_all(&state, token_id, status).await?;
+    let list = sessions::list_all(&state.sessions, token_id, status).await?;
     let names: HashMap<String, String> = state
         .db
         .read(tokens::list)
@@ -145,7 +145,7 @@ pub async fn close_session(
     State(state): State<Arc<AppState>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let (session, was_open) = sessions::close_any(&state, &id).await?;
+    let (session, was_open) = sessions::close_any(&state.sessions, &id).await?;
     let token_id = session.token_id.clone();
     let token_name = state
         .db

@@ -882,6 +882,7 @@ async fn metrics_expose_the_series_and_need_the_admin_bearer() {
 const API_ROUTES: &[(&str, &str)] = &[
     ("get", "/healthz"),
     ("post", "/run"),
+    ("post", "/runs/{run_id}/cancel"),
     ("post", "/files"),
     ("get", "/files/{file_token}"),
     ("delete", "/files/{file_token}"),

@@ -12,6 +12,7 @@ mod fake_upstream;
 mod files;
 mod foundation;
 mod governance;
+mod hardening;
 // Not every test module uses every helper.
 #[allow(dead_code)]
 mod harness;
