@@ -373,6 +373,7 @@ mod tests {
                 retry_after_secs: 1,
             },
             ApiError::Upstream(String::new()),
+            ApiError::NotLoggedIn(String::new()),
             ApiError::OutputTooLarge,
             ApiError::Timeout,
             ApiError::InsufficientStorage,

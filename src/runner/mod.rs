@@ -303,7 +303,7 @@ pub async fn execute(
         sink,
     };
     let ended = state.supervisor.supervise(job, &mut p.audit).await;
-    if matches!(&ended.result, Err(ApiError::Upstream(m)) if m.contains("/login")) {
+    if matches!(&ended.result, Err(ApiError::NotLoggedIn(_))) {
         // The login went away: warm processes started under it would fail the same way.
         state.warm.invalidate();
     }

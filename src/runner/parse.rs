@@ -158,6 +158,10 @@ pub fn judge(
             if let Some(limit) = usage_limit(&message, now_secs) {
                 return Err(limit);
             }
+            // Claude Code 2.1.197: `Not logged in · Please run /login`.
+            if message.contains("Please run /login") || message.starts_with("Not logged in") {
+                return Err(ApiError::NotLoggedIn(clip(&message)));
+            }
             Err(ApiError::Upstream(clip(&message)))
         }
         None => {
@@ -215,7 +219,7 @@ mod tests {
         let line = r#"{"type":"result","subtype":"success","is_error":true,"result":"Not logged in · Please run /login"}"#;
         let r = parse_result_line(line.as_bytes()).unwrap();
         match judge(Some(r), Some(1), "", 0) {
-            Err(ApiError::Upstream(m)) => assert_eq!(m, "Not logged in · Please run /login"),
+            Err(ApiError::NotLoggedIn(m)) => assert_eq!(m, "Not logged in · Please run /login"),
             other => panic!("{other:?}"),
         }
         let line = br#"{"type":"result","subtype":"error_max_turns","is_error":true,"errors":["Reached max turns"]}"#;
