@@ -4,7 +4,7 @@
 //! runs the CLI, optionally forwarding each stream-json line, and closes the audit row
 //! before the answer leaves.
 
-pub mod parse;
+pub mod claude_json;
 pub mod warm;
 
 use std::ffi::OsString;
@@ -219,13 +219,13 @@ pub fn model_and_system_args(model: &str, system: Option<&str>) -> Vec<OsString>
 /// answer; with a streaming client every JSON line is forwarded.
 struct ClaudeFold {
     streaming: bool,
-    result: Option<parse::CliResult>,
+    result: Option<claude_json::CliResult>,
 }
 
 impl Fold for ClaudeFold {
     fn line(&mut self, line: &[u8]) -> Option<Value> {
         let v: Value = serde_json::from_slice(line).ok()?;
-        if let Some(r) = parse::result_of(&v) {
+        if let Some(r) = claude_json::result_of(&v) {
             self.result = Some(r);
         }
         self.streaming.then_some(v)
@@ -237,7 +237,7 @@ impl Fold for ClaudeFold {
 
     fn judge(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError> {
         let now_secs = crate::util::now_ms() / 1000;
-        parse::judge(self.result.clone(), exit_code, stderr, now_secs).map(|_| Outcome::Ok)
+        claude_json::judge(self.result.clone(), exit_code, stderr, now_secs).map(|_| Outcome::Ok)
     }
 
     fn metered(&self) -> Metered {
@@ -308,7 +308,10 @@ pub async fn execute(
         state.warm.invalidate();
     }
     ended.result?;
-    let r = ended.fold.result.unwrap_or_else(parse::CliResult::empty);
+    let r = ended
+        .fold
+        .result
+        .unwrap_or_else(claude_json::CliResult::empty);
     let (text, stop_reason) = match ended.outcome {
         Outcome::Cancelled => (String::new(), "cancelled".to_string()),
         _ => (
@@ -318,7 +321,7 @@ pub async fn execute(
     };
     Ok(RunAnswer {
         run_id: p.run_id.clone(),
-        result: parse::answer_value(&text),
+        result: claude_json::answer_value(&text),
         duration_ms: ended.duration_ms,
         stop_reason,
         model: p.input.model.clone(),

@@ -7,8 +7,8 @@
 //! a second turn `busy` — and a running turn can be told to stop from outside (cancel,
 //! close, token revocation).
 
+pub mod acp_log;
 pub mod acpx;
-pub mod parse;
 pub mod store;
 mod turn;
 

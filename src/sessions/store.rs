@@ -31,7 +31,7 @@ pub struct SessionRecord {
     #[schema(value_type = Option<String>, format = DateTime)]
     pub closed_at: Option<i64>,
     pub turn_count: i64,
-    /// The agent's cumulative cost as last reported (see `parse::TurnLog::cost`).
+    /// The agent's cumulative cost as last reported (see `acp_log::TurnLog::cost`).
     #[serde(skip)]
     pub cost_total: f64,
     /// Whether a turn is running now (filled from memory, not stored).

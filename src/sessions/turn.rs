@@ -21,8 +21,8 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::acp_log::TurnLog;
 use super::acpx::{self, Target};
-use super::parse::TurnLog;
 use super::store::{self, SessionRecord};
 use super::{target, Claim, Sessions};
 use crate::audit::{Completion, Outcome};
@@ -30,7 +30,7 @@ use crate::auth::tokens::TokenRecord;
 use crate::config::{Config, SessionPermissions};
 use crate::error::ApiError;
 use crate::governance::Admission;
-use crate::runner::parse::{clip, judge, usage_limit};
+use crate::runner::claude_json::{clip, judge, usage_limit};
 use crate::store::Db;
 use crate::supervise::{
     self, AuditGuard, Child, Fold, Job, Kind, Metered, Sink, Start, StopWhy, SOFT_STOP_GRACE,
@@ -295,7 +295,7 @@ pub async fn execute_turn(
     drop(claim);
     ended.result?;
     let result = log.result.clone();
-    let tokens = |f: fn(&super::parse::PromptResult) -> Option<i64>| result.as_ref().and_then(f);
+    let tokens = |f: fn(&super::acp_log::PromptResult) -> Option<i64>| result.as_ref().and_then(f);
     let stop_reason = match (ended.outcome, &result) {
         (Outcome::Cancelled, _) => "cancelled".to_string(),
         (_, Some(r)) => r.stop_reason.clone(),
