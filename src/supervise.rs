@@ -102,7 +102,7 @@ pub trait Fold: Send {
     }
 
     /// Judges a process that exited on its own: its outcome, or the error to answer.
-    fn judge(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError>;
+    fn exited(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError>;
 
     /// The usage the agent reported so far; recorded (and billed) however the work ends.
     fn metered(&self) -> Metered;
@@ -179,7 +179,7 @@ enum Ending {
 }
 
 /// What a run or turn records and stages before its agent starts.
-pub struct Start<'a> {
+pub struct Staging<'a> {
     pub token_id: &'a str,
     /// The audit kind: `run` or `turn`.
     pub kind: &'a str,
@@ -189,8 +189,27 @@ pub struct Start<'a> {
     pub prompt: &'a str,
     pub files: &'a [String],
     pub dir: &'a std::path::Path,
-    /// Whether a pre-started process serves it (runs only).
-    pub warm: Option<bool>,
+    pub warm_pool: WarmPoolUse,
+}
+
+/// Whether work was served by a warm-pool process: runs are `Hit` or `Miss`, turns are
+/// never pooled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmPoolUse {
+    Hit,
+    Miss,
+    NotPooled,
+}
+
+impl WarmPoolUse {
+    /// The audit row's `warm` column (NULL for work the pool does not serve).
+    fn column(self) -> Option<bool> {
+        match self {
+            WarmPoolUse::Hit => Some(true),
+            WarmPoolUse::Miss => Some(false),
+            WarmPoolUse::NotPooled => None,
+        }
+    }
 }
 
 /// The handles the lifecycle uses, built once at start-up.
@@ -222,7 +241,7 @@ impl Supervisor {
 
     /// Copies the attached files into the working dir, builds the text the agent gets (the
     /// prompt, then a line naming the attachments) and opens the audit row as `running`.
-    pub async fn stage_and_audit(&self, w: Start<'_>) -> Result<(String, AuditGuard), ApiError> {
+    pub async fn stage_and_audit(&self, w: Staging<'_>) -> Result<(String, AuditGuard), ApiError> {
         let state = self;
         let names = crate::files::stage_into(
             &state.db,
@@ -248,7 +267,7 @@ impl Supervisor {
             prompt_chars: Some(w.prompt.chars().count() as i64),
             outcome: Some(Outcome::Running),
             subject: Some(w.subject.to_string()),
-            warm: w.warm,
+            warm: w.warm_pool.column(),
             ..Default::default()
         };
         let audit_id = state.db.write(move |c| audit::insert(c, &entry)).await?;
@@ -328,7 +347,7 @@ impl Supervisor {
         drop(proc);
 
         let (outcome, judged) = match ending {
-            Ending::Exited(code) => match fold.judge(code, &stderr) {
+            Ending::Exited(code) => match fold.exited(code, &stderr) {
                 Ok(outcome) => (outcome, Ok(())),
                 Err(e) => (Outcome::Error, Err(e)),
             },
@@ -365,7 +384,7 @@ impl Supervisor {
             .await;
         self.observe(kind, outcome, started);
         if let Err(e) = &judged {
-            self.governor.note(e);
+            self.governor.block_on_usage_limit(e);
         }
         Ended {
             fold,

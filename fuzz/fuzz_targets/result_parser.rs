@@ -5,7 +5,7 @@
 #![no_main]
 
 use clawdforge::error::ApiError;
-use clawdforge::runner::claude_json::{answer_value, judge, parse_result_line, strip_fence, usage_limit};
+use clawdforge::runner::claude_json::{answer_value, answer_or_error, parse_result_line, strip_fence, usage_limit};
 use libfuzzer_sys::fuzz_target;
 
 /// The longest quoted CLI message (`claude_json::MESSAGE_MAX`) plus the ellipsis.
@@ -35,7 +35,7 @@ fuzz_target!(|line: &[u8]| {
             );
         }
         for exit in EXITS {
-            match judge(parsed.clone(), exit, &text, now) {
+            match answer_or_error(parsed.clone(), exit, &text, now) {
                 Ok(r) => {
                     assert_eq!(exit, Some(0), "only a clean exit succeeds");
                     assert!(!r.is_error);

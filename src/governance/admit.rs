@@ -39,18 +39,18 @@ pub struct Governor {
 
 #[derive(Default)]
 struct Inner {
-    tokens: HashMap<String, Live>,
+    tokens: HashMap<String, TokenLoad>,
     blocked_until: Option<Instant>,
 }
 
 #[derive(Default)]
-struct Live {
+struct TokenLoad {
     in_flight: u32,
     /// When each admission inside the last `RATE_WINDOW` happened, oldest first.
     recent: VecDeque<Instant>,
 }
 
-impl Live {
+impl TokenLoad {
     fn forget_before(&mut self, cutoff: Option<Instant>) {
         while self
             .recent
@@ -85,7 +85,7 @@ impl Governor {
 
     /// Looks at how a run or turn failed: a usage limit with a reset time blocks new runs
     /// and turns until then, without spawning anything that would only fail the same way.
-    pub fn note(&self, err: &ApiError) {
+    pub fn block_on_usage_limit(&self, err: &ApiError) {
         if let ApiError::UsageLimit {
             retry_after_secs, ..
         } = err
@@ -295,7 +295,7 @@ mod tests {
     async fn usage_limit_blocks_until_reset() {
         let g = Governor::default();
         assert!(g.check_blocked().is_ok());
-        g.note(&ApiError::UsageLimit {
+        g.block_on_usage_limit(&ApiError::UsageLimit {
             message: String::new(),
             retry_after_secs: 90,
         });

@@ -293,7 +293,7 @@ struct ApiDoc;
 
 /// The document as served: utoipa's, with every successful JSON body wrapped as
 /// `allOf: [Envelope, body]`, since the handlers' `ok: true` comes from a generic wrapper
-/// (`http::Ok<T>`) rather than from each type, and `MintBody` derived from `PolicyPatch`.
+/// (`http::Envelope<T>`) rather than from each type, and `MintBody` derived from `PolicyPatch`.
 /// (The document itself is the one JSON answer without `ok`: a top-level field that is not
 /// `x-`prefixed would make it invalid OpenAPI.)
 pub fn document() -> Value {

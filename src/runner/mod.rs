@@ -23,7 +23,8 @@ use crate::error::ApiError;
 use crate::governance::{Admission, Admitter};
 use crate::process::{child_env, Proc, Spec};
 use crate::supervise::{
-    AuditGuard, Child, Fold, Job, Kind, Metered, Registration, Running, Sink, Start, Supervisor,
+    AuditGuard, Child, Fold, Job, Kind, Metered, Registration, Running, Sink, Staging, Supervisor,
+    WarmPoolUse,
 };
 use crate::util::new_id;
 use warm::WarmPool;
@@ -162,7 +163,7 @@ async fn prepare(
     let dir = DirGuard(dir);
     let (prompt_text, audit) = state
         .supervisor
-        .stage_and_audit(Start {
+        .stage_and_audit(Staging {
             token_id,
             kind: "run",
             model: &input.model,
@@ -170,7 +171,10 @@ async fn prepare(
             prompt: &input.prompt,
             files: &input.files,
             dir: &dir.0,
-            warm: Some(warm.is_some()),
+            warm_pool: match warm {
+                Some(_) => WarmPoolUse::Hit,
+                None => WarmPoolUse::Miss,
+            },
         })
         .await?;
     let registration = state.runs.register(&run_id, token_id);
@@ -235,9 +239,10 @@ impl Fold for ClaudeFold {
         self.result.is_some()
     }
 
-    fn judge(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError> {
+    fn exited(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError> {
         let now_secs = crate::util::now_ms() / 1000;
-        claude_json::judge(self.result.clone(), exit_code, stderr, now_secs).map(|_| Outcome::Ok)
+        claude_json::answer_or_error(self.result.clone(), exit_code, stderr, now_secs)
+            .map(|_| Outcome::Ok)
     }
 
     fn metered(&self) -> Metered {
