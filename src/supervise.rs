@@ -118,6 +118,12 @@ pub trait Fold: Send {
     fn after_kill(&self) -> Option<BoxFuture<'static, ()>> {
         None
     }
+    /// What must be recorded once the process is gone and before its audit row closes, so
+    /// that a client who sees the row closed also sees its effects (a turn frees its
+    /// session).
+    fn settle(&mut self) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
 }
 
 /// Usage as the agent reported it.
@@ -364,6 +370,9 @@ impl Supervisor {
             ),
             Ending::TooLarge => (Outcome::Error, Err(ApiError::OutputTooLarge)),
         };
+        if let Some(settle) = fold.settle() {
+            settle.await;
+        }
         let m = fold.metered();
         let detail = match (&ending, &judged) {
             (Ending::ClientGone, _) => Some(CLIENT_GONE.to_string()),

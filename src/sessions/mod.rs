@@ -74,6 +74,12 @@ pub struct Claim {
     pub stop: Stopper,
 }
 
+impl Claim {
+    pub fn session_id(&self) -> &str {
+        &self.id
+    }
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
         if let Ok(mut map) = self.active.lock() {

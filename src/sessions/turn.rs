@@ -156,6 +156,8 @@ struct AcpFold {
     db: Db,
     target: Target,
     record_id: Option<String>,
+    /// The session, held until the turn is settled.
+    claim: Option<Claim>,
 }
 
 impl Fold for AcpFold {
@@ -188,6 +190,23 @@ impl Fold for AcpFold {
                     .iter()
                     .any(|l| l.get("cancelled") == Some(&Value::Bool(true)))
             })
+        }))
+    }
+
+    /// Records the session's new cost total and frees it before the audit row closes, so
+    /// a client's next turn is never `busy`.
+    fn settle(&mut self) -> Option<BoxFuture<'static, ()>> {
+        let claim = self.claim.take()?;
+        let (_, cost_total) = self.log.cost(self.cost_before);
+        let (db, id) = (self.db.clone(), claim.session_id().to_string());
+        Some(Box::pin(async move {
+            if let Err(e) = db
+                .write(move |c| store::end_turn(c, &id, now_ms(), cost_total))
+                .await
+            {
+                tracing::error!(error = %e, "could not record the end of a turn");
+            }
+            drop(claim);
         }))
     }
 
@@ -262,6 +281,7 @@ pub async fn execute_turn(
         &session.model,
         session.system_prompt.as_deref(),
     );
+    let stop = claim.stop.clone();
     let job = Job {
         kind: Kind::Turn,
         child: Child::Spawn {
@@ -275,25 +295,16 @@ pub async fn execute_turn(
             db: state.db.clone(),
             target: t,
             record_id: session.acpx_record_id.clone(),
+            claim: Some(claim),
         },
         timeout,
-        stop: claim.stop.clone(),
+        stop,
         gone,
         sink,
     };
     let ended = state.supervisor.supervise(job, &mut audit).await;
     let log = ended.fold.log;
-    let (cost, cost_total) = log.cost(session.cost_total);
-    let id = sid.clone();
-    if let Err(e) = state
-        .db
-        .write(move |c| store::end_turn(c, &id, now_ms(), cost_total))
-        .await
-    {
-        tracing::error!(error = %e, "could not record the end of a turn");
-    }
-    // Free the session before the answer leaves, so a client's next turn is never `busy`.
-    drop(claim);
+    let (cost, _) = log.cost(session.cost_total);
     ended.result?;
     let result = log.result.clone();
     let tokens = |f: fn(&super::acp_log::PromptResult) -> Option<i64>| result.as_ref().and_then(f);
