@@ -126,32 +126,7 @@ impl App {
         }
         let db = Db::open(&config.db_path)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.db_path.display()))?;
-        // Whatever the previous process left running is killed before its rows are
-        // marked abandoned, so nothing it started outlives this start-up.
-        let (killed, dirs) = crate::process::reconcile(&db).await?;
-        if killed + dirs > 0 {
-            tracing::warn!(killed, dirs, "cleaned up after the previous process");
-        }
-        remove_orphan_run_dirs(&config.runs_dir);
-        let in_flight = db.read(crate::sessions::store::turns_in_flight).await?;
-        let owners = crate::sessions::reconcile_owners(&db, &config, &in_flight).await?;
-        if owners > 0 {
-            tracing::warn!(
-                owners,
-                "stopped acpx queue owners busy with abandoned turns"
-            );
-        }
-        let orphans = crate::files::remove_orphans(&db, &config.uploads_dir).await?;
-        if orphans > 0 {
-            tracing::warn!(orphans, "removed uploads interrupted by the last shutdown");
-        }
-        let abandoned = db.write(|c| crate::audit::abandon_running(c)).await?;
-        if abandoned > 0 {
-            tracing::warn!(
-                abandoned,
-                "marked work in flight at the last shutdown as abandoned"
-            );
-        }
+        reconcile(&db, &config).await?;
 
         let probes = Probes::default();
         if tokio::time::timeout(FIRST_PROBE_LIMIT, probes.refresh(&config))
@@ -321,6 +296,51 @@ fn spawn_last_used_flusher(state: Arc<AppState>) {
             }
         }
     });
+}
+
+/// Start-up reconciliation, the one place it happens, before anything serves. What a
+/// previous process (crashed, killed or stopped) left behind, in this order:
+/// 1. agent process groups it recorded in `live_processes` that are still alive are killed
+///    (start time checked, so a reused pid is left alone), and the run dirs they owned go;
+/// 2. every other run dir goes (no run is live yet);
+/// 3. acpx queue owners busy with a turn that was in flight, or serving a closed session,
+///    are stopped, and stale acpx locks removed;
+/// 4. uploads interrupted mid-write are removed;
+/// 5. audit rows still `running` (the work in flight) are marked `abandoned` — last, so
+///    nothing of that work can still be running when its row says it ended.
+///
+/// Then `App::start` runs one sweep pass (idle sessions, expired uploads, old audit rows)
+/// before the server listens.
+async fn reconcile(db: &Db, config: &Config) -> anyhow::Result<()> {
+    // Whatever the previous process left running is killed before its rows are
+    // marked abandoned, so nothing it started outlives this start-up.
+    let (killed, dirs) = crate::process::reconcile(db).await?;
+    if killed + dirs > 0 {
+        tracing::warn!(killed, dirs, "cleaned up after the previous process");
+    }
+    remove_orphan_run_dirs(&config.runs_dir);
+    let in_flight = db
+        .read(|c| crate::audit::running_subjects(c, "turn"))
+        .await?;
+    let owners = crate::sessions::reconcile_owners(db, config, &in_flight).await?;
+    if owners > 0 {
+        tracing::warn!(
+            owners,
+            "stopped acpx queue owners busy with abandoned turns"
+        );
+    }
+    let orphans = crate::files::remove_orphans(db, &config.uploads_dir).await?;
+    if orphans > 0 {
+        tracing::warn!(orphans, "removed uploads interrupted by the last shutdown");
+    }
+    let abandoned = db.write(|c| crate::audit::abandon_running(c)).await?;
+    if abandoned > 0 {
+        tracing::warn!(
+            abandoned,
+            "marked work in flight at the last shutdown as abandoned"
+        );
+    }
+    Ok(())
 }
 
 /// At start-up no run is live, so every run dir is an orphan.

@@ -172,6 +172,20 @@ pub fn run_owner(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<Str
     .map(Option::flatten)
 }
 
+/// The subjects (run or session ids) of rows of `kind` still `running`: at start-up, the
+/// work that was in flight when the previous process died.
+pub fn running_subjects(
+    conn: &Connection,
+    kind: &str,
+) -> rusqlite::Result<std::collections::HashSet<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT subject FROM audit
+         WHERE kind = ?1 AND outcome = 'running' AND subject IS NOT NULL",
+    )?;
+    let rows = stmt.query_map([kind], |r| r.get(0))?;
+    rows.collect()
+}
+
 /// Deletes rows older than `cutoff_ms`; returns how many.
 pub fn trim_before(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<usize> {
     conn.execute("DELETE FROM audit WHERE at < ?1", [cutoff_ms])

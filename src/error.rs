@@ -43,6 +43,10 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Upstream(String),
+    /// The CLI is not logged in (its own message); answered like any upstream failure,
+    /// and a sign that processes started under the old login are no good either.
+    #[error("{0}")]
+    NotLoggedIn(String),
     #[error("the agent printed more than the output limit and was stopped")]
     OutputTooLarge,
     #[error("the request passed its timeout_secs and was stopped")]
@@ -123,7 +127,9 @@ impl ApiError {
             | ApiError::TokenOverloaded { .. }
             | ApiError::RateLimited { .. }
             | ApiError::UsageLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Upstream(_) | ApiError::OutputTooLarge => StatusCode::BAD_GATEWAY,
+            ApiError::Upstream(_) | ApiError::NotLoggedIn(_) | ApiError::OutputTooLarge => {
+                StatusCode::BAD_GATEWAY
+            }
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
@@ -147,7 +153,7 @@ impl ApiError {
             ApiError::Overloaded { .. } | ApiError::TokenOverloaded { .. } => "overloaded",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::UsageLimit { .. } => "usage_limit",
-            ApiError::Upstream(_) => "upstream_error",
+            ApiError::Upstream(_) | ApiError::NotLoggedIn(_) => "upstream_error",
             ApiError::OutputTooLarge => "output_too_large",
             ApiError::Timeout | ApiError::BodyTimeout => "timeout",
             ApiError::InsufficientStorage => "insufficient_storage",

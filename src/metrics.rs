@@ -75,7 +75,7 @@ pub struct Metrics {
     run_duration: DurationFamily,
     turn_duration: DurationFamily,
     sweeper_actions: Family<ActionLabels, Counter>,
-    live: Arc<Live>,
+    live: Arc<LiveGauges>,
 }
 
 impl Metrics {
@@ -107,7 +107,7 @@ impl Metrics {
             "Things the sweeper did, by action",
             sweeper_actions.clone(),
         );
-        let live = Arc::new(Live {
+        let live = Arc::new(LiveGauges {
             slots,
             probes,
             usage: Mutex::new(Vec::new()),
@@ -177,7 +177,7 @@ fn observe(family: &DurationFamily, outcome: &str, took: Duration) {
 
 /// Values read at scrape time.
 #[derive(Debug)]
-struct Live {
+struct LiveGauges {
     slots: Slots,
     probes: Probes,
     usage: Mutex<Vec<(String, String, Totals)>>,
@@ -207,7 +207,7 @@ fn family<L: EncodeLabelSet, M: EncodeMetric>(
     Ok(())
 }
 
-impl Collector for Live {
+impl Collector for LiveGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         gauge(
             &mut encoder,

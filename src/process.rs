@@ -428,6 +428,15 @@ pub async fn reconcile(db: &Db) -> anyhow::Result<(usize, usize)> {
     Ok((killed, dirs))
 }
 
+/// The run dirs owned by live agent processes (`live_processes`).
+pub fn live_dirs(
+    conn: &rusqlite::Connection,
+) -> rusqlite::Result<std::collections::HashSet<String>> {
+    let mut stmt = conn.prepare_cached("SELECT dir FROM live_processes WHERE dir IS NOT NULL")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    rows.collect()
+}
+
 /// Removes a directory tree, treating "already gone" as done.
 pub fn remove_dir(dir: &Path) -> bool {
     match std::fs::remove_dir_all(dir) {

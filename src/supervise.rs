@@ -102,7 +102,7 @@ pub trait Fold: Send {
     }
 
     /// Judges a process that exited on its own: its outcome, or the error to answer.
-    fn judge(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError>;
+    fn exited(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError>;
 
     /// The usage the agent reported so far; recorded (and billed) however the work ends.
     fn metered(&self) -> Metered;
@@ -116,6 +116,12 @@ pub trait Fold: Send {
 
     /// What must go after the group was killed (processes living outside it).
     fn after_kill(&self) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
+    /// What must be recorded once the process is gone and before its audit row closes, so
+    /// that a client who sees the row closed also sees its effects (a turn frees its
+    /// session).
+    fn settle(&mut self) -> Option<BoxFuture<'static, ()>> {
         None
     }
 }
@@ -179,7 +185,7 @@ enum Ending {
 }
 
 /// What a run or turn records and stages before its agent starts.
-pub struct Start<'a> {
+pub struct Staging<'a> {
     pub token_id: &'a str,
     /// The audit kind: `run` or `turn`.
     pub kind: &'a str,
@@ -189,8 +195,27 @@ pub struct Start<'a> {
     pub prompt: &'a str,
     pub files: &'a [String],
     pub dir: &'a std::path::Path,
-    /// Whether a pre-started process serves it (runs only).
-    pub warm: Option<bool>,
+    pub warm_pool: WarmPoolUse,
+}
+
+/// Whether work was served by a warm-pool process: runs are `Hit` or `Miss`, turns are
+/// never pooled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmPoolUse {
+    Hit,
+    Miss,
+    NotPooled,
+}
+
+impl WarmPoolUse {
+    /// The audit row's `warm` column (NULL for work the pool does not serve).
+    fn column(self) -> Option<bool> {
+        match self {
+            WarmPoolUse::Hit => Some(true),
+            WarmPoolUse::Miss => Some(false),
+            WarmPoolUse::NotPooled => None,
+        }
+    }
 }
 
 /// The handles the lifecycle uses, built once at start-up.
@@ -222,7 +247,7 @@ impl Supervisor {
 
     /// Copies the attached files into the working dir, builds the text the agent gets (the
     /// prompt, then a line naming the attachments) and opens the audit row as `running`.
-    pub async fn stage_and_audit(&self, w: Start<'_>) -> Result<(String, AuditGuard), ApiError> {
+    pub async fn stage_and_audit(&self, w: Staging<'_>) -> Result<(String, AuditGuard), ApiError> {
         let state = self;
         let names = crate::files::stage_into(
             &state.db,
@@ -248,7 +273,7 @@ impl Supervisor {
             prompt_chars: Some(w.prompt.chars().count() as i64),
             outcome: Some(Outcome::Running),
             subject: Some(w.subject.to_string()),
-            warm: w.warm,
+            warm: w.warm_pool.column(),
             ..Default::default()
         };
         let audit_id = state.db.write(move |c| audit::insert(c, &entry)).await?;
@@ -328,7 +353,7 @@ impl Supervisor {
         drop(proc);
 
         let (outcome, judged) = match ending {
-            Ending::Exited(code) => match fold.judge(code, &stderr) {
+            Ending::Exited(code) => match fold.exited(code, &stderr) {
                 Ok(outcome) => (outcome, Ok(())),
                 Err(e) => (Outcome::Error, Err(e)),
             },
@@ -345,6 +370,9 @@ impl Supervisor {
             ),
             Ending::TooLarge => (Outcome::Error, Err(ApiError::OutputTooLarge)),
         };
+        if let Some(settle) = fold.settle() {
+            settle.await;
+        }
         let m = fold.metered();
         let detail = match (&ending, &judged) {
             (Ending::ClientGone, _) => Some(CLIENT_GONE.to_string()),
@@ -365,7 +393,7 @@ impl Supervisor {
             .await;
         self.observe(kind, outcome, started);
         if let Err(e) = &judged {
-            self.governor.note(e);
+            self.governor.block_on_usage_limit(e);
         }
         Ended {
             fold,
@@ -685,5 +713,225 @@ impl Drop for AuditGuard {
             };
             let _ = db.write(move |conn| audit::complete(conn, id, &c)).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The endings of the lifecycle with `sh` as the child: each gives its outcome, its
+    //! answer and its audit row, with the usage the fold saw.
+    use super::*;
+    use crate::audit::AuditEntry;
+    use crate::probe::Probes;
+    use crate::slots::Slots;
+
+    /// Counts lines; the exit code decides; every line reports a cost of 0.5.
+    struct Lines(usize);
+
+    impl Fold for Lines {
+        fn line(&mut self, line: &[u8]) -> Option<Value> {
+            self.0 += 1;
+            Some(Value::String(String::from_utf8_lossy(line).into_owned()))
+        }
+        fn exited(&self, exit_code: Option<i32>, _stderr: &str) -> Result<Outcome, ApiError> {
+            match exit_code {
+                Some(0) => Ok(Outcome::Ok),
+                _ => Err(ApiError::Upstream("failed".into())),
+            }
+        }
+        fn metered(&self) -> Metered {
+            Metered {
+                cost_usd: (self.0 > 0).then_some(0.5),
+                ..Metered::default()
+            }
+        }
+    }
+
+    struct Bench {
+        _dir: tempfile::TempDir,
+        sup: Supervisor,
+        shutdown: CancellationToken,
+        db: Db,
+        max_output: u64,
+    }
+
+    async fn bench() -> Bench {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(Config::defaults_for(dir.path()));
+        let db = Db::open(&dir.path().join("t.db")).unwrap();
+        let slots = Slots::new(1, 1, Duration::from_secs(1));
+        let metrics = Arc::new(Metrics::new(slots, Probes::default()));
+        let shutdown = CancellationToken::new();
+        let sup = Supervisor::new(
+            config,
+            db.clone(),
+            metrics,
+            Governor::default(),
+            shutdown.clone(),
+        );
+        Bench {
+            _dir: dir,
+            sup,
+            shutdown,
+            db,
+            max_output: 1 << 20,
+        }
+    }
+
+    struct Run {
+        outcome: Outcome,
+        code: Option<&'static str>,
+        lines: usize,
+        row: (String, Option<String>, Option<f64>, Option<i64>),
+    }
+
+    async fn run(
+        b: &Bench,
+        script: &str,
+        prepare: impl FnOnce(&Stopper, &CancellationToken),
+    ) -> Run {
+        let entry = AuditEntry {
+            kind: "run".into(),
+            outcome: Some(Outcome::Running),
+            ..Default::default()
+        };
+        let id = b.db.write(move |c| audit::insert(c, &entry)).await.unwrap();
+        let mut guard = b.sup.audit_guard(id);
+        let (stop, gone) = (Stopper::default(), CancellationToken::new());
+        prepare(&stop, &gone);
+        let spec = Spec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            cwd: std::env::temp_dir(),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            max_output: b.max_output,
+            owns_dir: None,
+            audit_id: Some(id),
+        };
+        let job = Job {
+            kind: Kind::Run,
+            child: Child::Spawn {
+                spec,
+                stdin: String::new(),
+            },
+            fold: Lines(0),
+            timeout: Duration::from_millis(1500),
+            stop,
+            gone,
+            sink: None,
+        };
+        let ended = b.sup.supervise(job, &mut guard).await;
+        let row =
+            b.db.read(move |c| {
+                c.query_row(
+                    "SELECT outcome, detail, cost_usd, duration_ms FROM audit WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+            })
+            .await
+            .unwrap();
+        Run {
+            outcome: ended.outcome,
+            code: ended.result.err().map(|e| e.code()),
+            lines: ended.fold.0,
+            row,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_ending_has_its_outcome_answer_and_row() {
+        let b = bench().await;
+        let r = run(&b, "echo one; echo two", |_, _| {}).await;
+        assert_eq!((r.outcome, r.code, r.lines), (Outcome::Ok, None, 2));
+        assert_eq!((r.row.0.as_str(), r.row.2), ("ok", Some(0.5)));
+
+        let r = run(&b, "echo one; exit 3", |_, _| {}).await;
+        assert_eq!(
+            (r.outcome, r.code),
+            (Outcome::Error, Some("upstream_error"))
+        );
+        assert_eq!(r.row.1.as_deref(), Some("upstream_error"));
+        assert_eq!(r.row.2, Some(0.5), "a failure is metered");
+
+        // The usage seen before each stop is metered too.
+        let r = run(&b, "echo one; exec sleep 30", |_, _| {}).await;
+        assert_eq!((r.outcome, r.code), (Outcome::Timeout, Some("timeout")));
+        assert_eq!((r.row.0.as_str(), r.row.2), ("timeout", Some(0.5)));
+
+        let r = run(&b, "echo one; exec sleep 30", |stop, _| {
+            stop.stop(StopWhy::Cancel)
+        })
+        .await;
+        assert_eq!((r.outcome, r.code), (Outcome::Cancelled, None));
+        assert_eq!(r.row.0, "cancelled");
+
+        let r = run(&b, "exec sleep 30", |stop, _| stop.stop(StopWhy::Close)).await;
+        assert_eq!(
+            (r.outcome, r.code),
+            (Outcome::Cancelled, Some("session_closed"))
+        );
+
+        let r = run(&b, "echo one; exec sleep 30", |_, gone| gone.cancel()).await;
+        assert_eq!(
+            (r.outcome, r.code),
+            (Outcome::Abandoned, Some("unavailable"))
+        );
+        assert_eq!(r.row.1.as_deref(), Some(CLIENT_GONE));
+        assert!(r.row.3.is_some(), "a hang-up records its duration");
+
+        let mut b = b;
+        b.max_output = 64;
+        let r = run(&b, "head -c 100000 /dev/zero; exec sleep 30", |_, _| {}).await;
+        assert_eq!(
+            (r.outcome, r.code),
+            (Outcome::Error, Some("output_too_large"))
+        );
+
+        b.shutdown.cancel();
+        let r = run(&b, "exec sleep 30", |_, _| {}).await;
+        assert_eq!(
+            (r.outcome, r.code),
+            (Outcome::Cancelled, Some("unavailable"))
+        );
+        assert_eq!(r.row.1.as_deref(), Some("unavailable"));
+    }
+
+    #[tokio::test]
+    async fn a_full_sink_holds_the_child_but_not_the_deadline() {
+        let b = bench().await;
+        let entry = AuditEntry {
+            kind: "run".into(),
+            outcome: Some(Outcome::Running),
+            ..Default::default()
+        };
+        let id = b.db.write(move |c| audit::insert(c, &entry)).await.unwrap();
+        let mut guard = b.sup.audit_guard(id);
+        // Nobody reads the receiver: the sink fills after SINK_CAPACITY lines.
+        let (sink, _unread) = Sink::channel();
+        let job = Job {
+            kind: Kind::Run,
+            child: Child::Spawn {
+                spec: Spec {
+                    program: "/bin/sh".into(),
+                    args: vec!["-c".into(), "yes line".into()],
+                    cwd: std::env::temp_dir(),
+                    env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                    max_output: 1 << 40,
+                    owns_dir: None,
+                    audit_id: Some(id),
+                },
+                stdin: String::new(),
+            },
+            fold: Lines(0),
+            timeout: Duration::from_millis(500),
+            stop: Stopper::default(),
+            gone: CancellationToken::new(),
+            sink: Some(sink),
+        };
+        let ended = b.sup.supervise(job, &mut guard).await;
+        assert_eq!(ended.outcome, Outcome::Timeout);
+        // One line is held back beyond what the sink took; the child was not read on.
+        assert_eq!(ended.fold.0, SINK_CAPACITY + 1);
     }
 }

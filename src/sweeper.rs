@@ -118,17 +118,7 @@ fn counted(step: &str, r: Result<usize, impl std::fmt::Display>) -> usize {
 /// of tokens revoked behind the server's back (`clawdforge tokens revoke` works on the
 /// database directly).
 async fn close_idle(state: &Sweep, cutoff: i64) -> Result<usize, StoreError> {
-    let idle = state
-        .db
-        .read(move |c| {
-            store::select_where(
-                c,
-                "status = 'open' AND (last_used_at < ?1
-                   OR token_id IN (SELECT id FROM tokens WHERE revoked_at IS NOT NULL))",
-                [cutoff],
-            )
-        })
-        .await?;
+    let idle = state.db.read(move |c| store::idle_since(c, cutoff)).await?;
     let closes = idle
         .into_iter()
         .filter(|s| !state.sessions.busy(&s.session_id))
@@ -145,7 +135,7 @@ async fn close_idle(state: &Sweep, cutoff: i64) -> Result<usize, StoreError> {
 async fn delete_closed(state: &Sweep, cutoff: i64) -> Result<usize, StoreError> {
     let old = state
         .db
-        .read(move |c| store::select_where(c, "status = 'closed' AND closed_at < ?1", [cutoff]))
+        .read(move |c| store::closed_before(c, cutoff))
         .await?;
     for s in &old {
         let cwd = Path::new(&s.cwd);
@@ -172,14 +162,7 @@ fn dir_names(dir: &Path) -> std::io::Result<Vec<(String, std::fs::Metadata)>> {
 /// Run dirs no live process owns, older than the grace period.
 async fn remove_orphan_run_dirs(state: &Sweep) -> Result<usize, StoreError> {
     let runs_dir = state.config.runs_dir.clone();
-    let live: HashSet<String> = state
-        .db
-        .read(|c| {
-            let mut stmt = c.prepare("SELECT dir FROM live_processes WHERE dir IS NOT NULL")?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            rows.collect()
-        })
-        .await?;
+    let live: HashSet<String> = state.db.read(crate::process::live_dirs).await?;
     let mut removed = 0;
     for (name, meta) in dir_names(&runs_dir)? {
         let path = runs_dir.join(&name);
@@ -206,14 +189,7 @@ async fn remove_orphan_session_dirs(state: &Sweep) -> Result<usize, StoreError> 
     let sessions_dir = state.config.sessions_dir.clone();
     let names = dir_names(&sessions_dir)?;
     let active: HashSet<String> = state.sessions.active_ids().into_iter().collect();
-    let open: HashSet<String> = state
-        .db
-        .read(|c| {
-            let mut stmt = c.prepare("SELECT id FROM sessions WHERE status = 'open'")?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            rows.collect()
-        })
-        .await?;
+    let open: HashSet<String> = state.db.read(store::open_ids).await?;
     let mut removed = 0;
     for (name, _) in names {
         if active.contains(&name) || open.contains(&name) {

@@ -1,9 +1,9 @@
-//! What `acpx --format json` prints during a turn, read by `sessions::parse::TurnLog`: one
+//! What `acpx --format json` prints during a turn, read by `sessions::acp_log::TurnLog`: one
 //! JSON-RPC message per line from the agent side, so untrusted. The input is a turn's
 //! output (lines split on newlines); what it shows and the cost must stay sane.
 #![no_main]
 
-use clawdforge::sessions::parse::TurnLog;
+use clawdforge::sessions::acp_log::TurnLog;
 use libfuzzer_sys::fuzz_target;
 
 /// Totals recorded after an earlier turn.

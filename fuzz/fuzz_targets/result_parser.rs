@@ -1,14 +1,14 @@
-//! What `claude -p` prints, read by `runner::parse`: the result line, the fence around an
+//! What `claude -p` prints, read by `runner::claude_json`: the result line, the fence around an
 //! answer, the usage-limit message and the verdict. The CLI's output is untrusted text.
 //! The input is one output line; it also serves as stderr, with several exit codes and
 //! clocks (extremes included).
 #![no_main]
 
 use clawdforge::error::ApiError;
-use clawdforge::runner::parse::{answer_value, judge, parse_result_line, strip_fence, usage_limit};
+use clawdforge::runner::claude_json::{answer_value, answer_or_error, parse_result_line, strip_fence, usage_limit};
 use libfuzzer_sys::fuzz_target;
 
-/// The longest quoted CLI message (`parse::MESSAGE_MAX`) plus the ellipsis.
+/// The longest quoted CLI message (`claude_json::MESSAGE_MAX`) plus the ellipsis.
 const MESSAGE_MAX_BYTES: usize = 2000 + '…'.len_utf8();
 const CLOCKS: [i64; 4] = [0, 1_763_740_800, i64::MIN, i64::MAX];
 const EXITS: [Option<i32>; 4] = [Some(0), Some(1), Some(-1), None];
@@ -35,7 +35,7 @@ fuzz_target!(|line: &[u8]| {
             );
         }
         for exit in EXITS {
-            match judge(parsed.clone(), exit, &text, now) {
+            match answer_or_error(parsed.clone(), exit, &text, now) {
                 Ok(r) => {
                     assert_eq!(exit, Some(0), "only a clean exit succeeds");
                     assert!(!r.is_error);

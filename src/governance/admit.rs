@@ -39,18 +39,18 @@ pub struct Governor {
 
 #[derive(Default)]
 struct Inner {
-    tokens: HashMap<String, Live>,
+    tokens: HashMap<String, TokenLoad>,
     blocked_until: Option<Instant>,
 }
 
 #[derive(Default)]
-struct Live {
+struct TokenLoad {
     in_flight: u32,
     /// When each admission inside the last `RATE_WINDOW` happened, oldest first.
     recent: VecDeque<Instant>,
 }
 
-impl Live {
+impl TokenLoad {
     fn forget_before(&mut self, cutoff: Option<Instant>) {
         while self
             .recent
@@ -85,7 +85,7 @@ impl Governor {
 
     /// Looks at how a run or turn failed: a usage limit with a reset time blocks new runs
     /// and turns until then, without spawning anything that would only fail the same way.
-    pub fn note(&self, err: &ApiError) {
+    pub fn block_on_usage_limit(&self, err: &ApiError) {
         if let ApiError::UsageLimit {
             retry_after_secs, ..
         } = err
@@ -255,6 +255,66 @@ impl Admitter {
 mod tests {
     use super::*;
 
+    /// A token that breaks every rule at once, and the refusal each step gives once the
+    /// rules before it are lifted: the module comment's order.
+    #[tokio::test]
+    async fn admission_checks_run_in_order() {
+        use crate::governance::policy::Policy;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).unwrap();
+        let mut token = TokenRecord {
+            id: "tok_t".into(),
+            name: "t".into(),
+            policy: Policy {
+                allowed_models: Some(vec!["opus".into()]),
+                budget_usd_per_day: Some(0.0),
+                max_concurrent: Some(0),
+                rate_per_min: Some(0),
+                ..Policy::default()
+            },
+            created_at: 0,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        let slots = Slots::new(1, 0, Duration::from_millis(50));
+        let _held = slots.acquire().await.unwrap();
+        let admitter = |g: &Governor| Admitter::new(db.clone(), g.clone(), slots.clone());
+        let code = |r: Result<Admission, ApiError>| r.err().map(|e| e.code());
+
+        let blocked = Governor::default();
+        blocked.block_for(Duration::from_secs(60));
+        let g = Governor::default();
+        let steps: [(&Governor, &str); 2] = [(&blocked, "usage_limit"), (&g, "forbidden")];
+        for (governor, want) in steps {
+            assert_eq!(
+                code(admitter(governor).admit(&token, "sonnet").await),
+                Some(want)
+            );
+        }
+        token.policy.allowed_models = None;
+        assert_eq!(
+            code(admitter(&g).admit(&token, "sonnet").await),
+            Some("budget_exhausted")
+        );
+        token.policy.budget_usd_per_day = None;
+        assert!(matches!(
+            admitter(&g).admit(&token, "sonnet").await,
+            Err(ApiError::TokenOverloaded { limit: 0 })
+        ));
+        token.policy.max_concurrent = None;
+        assert_eq!(
+            code(admitter(&g).admit(&token, "sonnet").await),
+            Some("rate_limited")
+        );
+        token.policy.rate_per_min = None;
+        // Last, the global slot: the only one is held and nobody may queue.
+        assert!(matches!(
+            admitter(&g).admit(&token, "sonnet").await,
+            Err(ApiError::Overloaded { .. })
+        ));
+        assert_eq!(g.in_flight("tok_t"), 0, "a refusal leaves nothing counted");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn rate_window_slides() {
         let g = Governor::default();
@@ -295,7 +355,7 @@ mod tests {
     async fn usage_limit_blocks_until_reset() {
         let g = Governor::default();
         assert!(g.check_blocked().is_ok());
-        g.note(&ApiError::UsageLimit {
+        g.block_on_usage_limit(&ApiError::UsageLimit {
             message: String::new(),
             retry_after_secs: 90,
         });

@@ -41,14 +41,14 @@ use extract::ClientIp;
 
 /// Success bodies: `{"ok": true, ...fields of T}`.
 #[derive(Debug, Serialize)]
-pub struct Ok<T: Serialize> {
+pub struct Envelope<T: Serialize> {
     pub ok: bool,
     #[serde(flatten)]
     pub body: T,
 }
 
-pub fn ok<T: Serialize>(body: T) -> axum::Json<Ok<T>> {
-    axum::Json(Ok { ok: true, body })
+pub fn ok<T: Serialize>(body: T) -> axum::Json<Envelope<T>> {
+    axum::Json(Envelope { ok: true, body })
 }
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

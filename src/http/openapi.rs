@@ -346,7 +346,7 @@ struct ApiDoc;
 
 /// The document as served: utoipa's, with every successful JSON body wrapped as
 /// `allOf: [Envelope, body]`, since the handlers' `ok: true` comes from a generic wrapper
-/// (`http::Ok<T>`) rather than from each type, and `MintBody` derived from `PolicyPatch`.
+/// (`http::Envelope<T>`) rather than from each type, and `MintBody` derived from `PolicyPatch`.
 /// (The document itself is the one JSON answer without `ok`: a top-level field that is not
 /// `x-`prefixed would make it invalid OpenAPI.)
 pub fn document() -> Value {
@@ -426,6 +426,7 @@ mod tests {
                 retry_after_secs: 1,
             },
             ApiError::Upstream(String::new()),
+            ApiError::NotLoggedIn(String::new()),
             ApiError::OutputTooLarge,
             ApiError::Timeout,
             ApiError::InsufficientStorage,

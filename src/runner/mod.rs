@@ -4,7 +4,7 @@
 //! runs the CLI, optionally forwarding each stream-json line, and closes the audit row
 //! before the answer leaves.
 
-pub mod parse;
+pub mod claude_json;
 pub mod warm;
 
 use std::ffi::OsString;
@@ -23,7 +23,8 @@ use crate::error::ApiError;
 use crate::governance::{Admission, Admitter};
 use crate::process::{child_env, Proc, Spec};
 use crate::supervise::{
-    AuditGuard, Child, Fold, Job, Kind, Metered, Registration, Running, Sink, Start, Supervisor,
+    AuditGuard, Child, Fold, Job, Kind, Metered, Registration, Running, Sink, Staging, Supervisor,
+    WarmPoolUse,
 };
 use crate::util::new_id;
 use warm::WarmPool;
@@ -162,7 +163,7 @@ async fn prepare(
     let dir = DirGuard(dir);
     let (prompt_text, audit) = state
         .supervisor
-        .stage_and_audit(Start {
+        .stage_and_audit(Staging {
             token_id,
             kind: "run",
             model: &input.model,
@@ -170,7 +171,10 @@ async fn prepare(
             prompt: &input.prompt,
             files: &input.files,
             dir: &dir.0,
-            warm: Some(warm.is_some()),
+            warm_pool: match warm {
+                Some(_) => WarmPoolUse::Hit,
+                None => WarmPoolUse::Miss,
+            },
         })
         .await?;
     let registration = state.runs.register(&run_id, token_id);
@@ -219,13 +223,13 @@ pub fn model_and_system_args(model: &str, system: Option<&str>) -> Vec<OsString>
 /// answer; with a streaming client every JSON line is forwarded.
 struct ClaudeFold {
     streaming: bool,
-    result: Option<parse::CliResult>,
+    result: Option<claude_json::CliResult>,
 }
 
 impl Fold for ClaudeFold {
     fn line(&mut self, line: &[u8]) -> Option<Value> {
         let v: Value = serde_json::from_slice(line).ok()?;
-        if let Some(r) = parse::result_of(&v) {
+        if let Some(r) = claude_json::result_of(&v) {
             self.result = Some(r);
         }
         self.streaming.then_some(v)
@@ -235,9 +239,10 @@ impl Fold for ClaudeFold {
         self.result.is_some()
     }
 
-    fn judge(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError> {
+    fn exited(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError> {
         let now_secs = crate::util::now_ms() / 1000;
-        parse::judge(self.result.clone(), exit_code, stderr, now_secs).map(|_| Outcome::Ok)
+        claude_json::answer_or_error(self.result.clone(), exit_code, stderr, now_secs)
+            .map(|_| Outcome::Ok)
     }
 
     fn metered(&self) -> Metered {
@@ -303,12 +308,15 @@ pub async fn execute(
         sink,
     };
     let ended = state.supervisor.supervise(job, &mut p.audit).await;
-    if matches!(&ended.result, Err(ApiError::Upstream(m)) if m.contains("/login")) {
+    if matches!(&ended.result, Err(ApiError::NotLoggedIn(_))) {
         // The login went away: warm processes started under it would fail the same way.
         state.warm.invalidate();
     }
     ended.result?;
-    let r = ended.fold.result.unwrap_or_else(parse::CliResult::empty);
+    let r = ended
+        .fold
+        .result
+        .unwrap_or_else(claude_json::CliResult::empty);
     let (text, stop_reason) = match ended.outcome {
         Outcome::Cancelled => (String::new(), "cancelled".to_string()),
         _ => (
@@ -318,7 +326,7 @@ pub async fn execute(
     };
     Ok(RunAnswer {
         run_id: p.run_id.clone(),
-        result: parse::answer_value(&text),
+        result: claude_json::answer_value(&text),
         duration_ms: ended.duration_ms,
         stop_reason,
         model: p.input.model.clone(),

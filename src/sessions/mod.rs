@@ -7,8 +7,8 @@
 //! a second turn `busy` — and a running turn can be told to stop from outside (cancel,
 //! close, token revocation).
 
+pub mod acp_log;
 pub mod acpx;
-pub mod parse;
 pub mod store;
 mod turn;
 
@@ -72,6 +72,12 @@ pub struct Claim {
     id: String,
     done: watch::Sender<bool>,
     pub stop: Stopper,
+}
+
+impl Claim {
+    pub fn session_id(&self) -> &str {
+        &self.id
+    }
 }
 
 impl Drop for Claim {
@@ -427,7 +433,7 @@ pub async fn close_all_of(state: &Sessions, token_id: &str) -> Result<usize, Api
     let token_id = token_id.to_string();
     let open = state
         .db
-        .read(move |c| store::select_where(c, "token_id = ?1 AND status = 'open'", [token_id]))
+        .read(move |c| store::open_of_token(c, &token_id))
         .await?;
     let closes = open.iter().map(|s| close(state, s, "token revoked"));
     let results = futures_util::future::join_all(closes).await;
@@ -454,9 +460,7 @@ pub async fn reconcile_owners(
     let Some(home) = acpx::children_home(config) else {
         return Ok(0);
     };
-    let sessions = db
-        .read(|c| store::select_where(c, "acpx_record_id IS NOT NULL", []))
-        .await?;
+    let sessions = db.read(store::with_acpx_record).await?;
     let home = home.as_path();
     let stops = sessions.iter().filter_map(|s| {
         let record_id = s.acpx_record_id.as_deref()?;

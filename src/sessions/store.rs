@@ -31,7 +31,7 @@ pub struct SessionRecord {
     #[schema(value_type = Option<String>, format = DateTime)]
     pub closed_at: Option<i64>,
     pub turn_count: i64,
-    /// The agent's cumulative cost as last reported (see `parse::TurnLog::cost`).
+    /// The agent's cumulative cost as last reported (see `acp_log::TurnLog::cost`).
     #[serde(skip)]
     pub cost_total: f64,
     /// Whether a turn is running now (filled from memory, not stored).
@@ -125,14 +125,46 @@ pub fn list_all(
     rows.collect()
 }
 
-/// Sessions matching a condition, for the sweeper and revocation.
-pub fn select_where(
+fn select_where(
     conn: &Connection,
     condition: &str,
     args: impl rusqlite::Params,
 ) -> rusqlite::Result<Vec<SessionRecord>> {
-    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM sessions WHERE {condition}"))?;
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {COLUMNS} FROM sessions WHERE {condition}"))?;
     let rows = stmt.query_map(args, from_row)?;
+    rows.collect()
+}
+
+/// The open sessions of `token_id` (to close them when it is revoked).
+pub fn open_of_token(conn: &Connection, token_id: &str) -> rusqlite::Result<Vec<SessionRecord>> {
+    select_where(conn, "token_id = ?1 AND status = 'open'", [token_id])
+}
+
+/// Every session acpx has a record of (to reconcile their queue owners at start-up).
+pub fn with_acpx_record(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> {
+    select_where(conn, "acpx_record_id IS NOT NULL", [])
+}
+
+/// Open sessions unused since `cutoff` (ms), or whose token was revoked.
+pub fn idle_since(conn: &Connection, cutoff: i64) -> rusqlite::Result<Vec<SessionRecord>> {
+    select_where(
+        conn,
+        "status = 'open' AND (last_used_at < ?1
+           OR token_id IN (SELECT id FROM tokens WHERE revoked_at IS NOT NULL))",
+        [cutoff],
+    )
+}
+
+/// Sessions closed before `cutoff` (ms).
+pub fn closed_before(conn: &Connection, cutoff: i64) -> rusqlite::Result<Vec<SessionRecord>> {
+    select_where(conn, "status = 'closed' AND closed_at < ?1", [cutoff])
+}
+
+/// The ids of every open session.
+pub fn open_ids(conn: &Connection) -> rusqlite::Result<std::collections::HashSet<String>> {
+    let mut stmt = conn.prepare_cached("SELECT id FROM sessions WHERE status = 'open'")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
     rows.collect()
 }
 
@@ -169,15 +201,4 @@ pub fn mark_closed(conn: &Connection, id: &str, now: i64) -> rusqlite::Result<()
 pub fn delete(conn: &Connection, id: &str) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
     Ok(())
-}
-
-/// The sessions whose turns are still `running` in the audit log: at start-up, those that
-/// were in flight when the previous process died.
-pub fn turns_in_flight(conn: &Connection) -> rusqlite::Result<std::collections::HashSet<String>> {
-    let mut stmt = conn.prepare(
-        "SELECT DISTINCT subject FROM audit
-         WHERE kind = 'turn' AND outcome = 'running' AND subject IS NOT NULL",
-    )?;
-    let rows = stmt.query_map([], |r| r.get(0))?;
-    rows.collect()
 }

@@ -21,8 +21,8 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::acp_log::TurnLog;
 use super::acpx::{self, Target};
-use super::parse::TurnLog;
 use super::store::{self, SessionRecord};
 use super::{target, Claim, Sessions};
 use crate::audit::{Completion, Outcome};
@@ -30,10 +30,11 @@ use crate::auth::tokens::TokenRecord;
 use crate::config::{Config, SessionPermissions};
 use crate::error::ApiError;
 use crate::governance::Admission;
-use crate::runner::parse::{clip, judge, usage_limit};
+use crate::runner::claude_json::{answer_or_error, clip, usage_limit};
 use crate::store::Db;
 use crate::supervise::{
-    self, AuditGuard, Child, Fold, Job, Kind, Metered, Sink, Start, StopWhy, SOFT_STOP_GRACE,
+    self, AuditGuard, Child, Fold, Job, Kind, Metered, Sink, Staging, StopWhy, WarmPoolUse,
+    SOFT_STOP_GRACE,
 };
 use crate::util::now_ms;
 
@@ -76,7 +77,7 @@ pub struct PreparedTurn {
     session: SessionRecord,
     claim: Claim,
     /// `None` when the turn was cancelled or its session closed while it waited for one.
-    slot: Option<Admission>,
+    admission: Option<Admission>,
     /// The token's permission mode, else the server's.
     permissions: SessionPermissions,
     timeout: Duration,
@@ -105,7 +106,7 @@ pub async fn prepare_turn(
     let claim = state.active.claim_turn(&s.session_id)?;
     // A close may have finished between the first read and the claim.
     let s = open(super::get(state, token_id, id).await?)?;
-    let slot = tokio::select! {
+    let admission = tokio::select! {
         admitted = state.admitter.admit(token, &s.model) => Some(admitted?),
         _ = claim.stop.stopped() => None,
     };
@@ -113,7 +114,7 @@ pub async fn prepare_turn(
     tokio::fs::create_dir_all(&cwd).await?;
     let (prompt_text, audit) = state
         .supervisor
-        .stage_and_audit(Start {
+        .stage_and_audit(Staging {
             token_id,
             kind: "turn",
             model: &s.model,
@@ -121,14 +122,14 @@ pub async fn prepare_turn(
             prompt: &input.prompt,
             files: &input.files,
             dir: &cwd,
-            warm: None,
+            warm_pool: WarmPoolUse::NotPooled,
         })
         .await?;
     Ok(PreparedTurn {
         state: state.clone(),
         session: s,
         claim,
-        slot,
+        admission,
         permissions: token
             .policy
             .session_permissions
@@ -155,6 +156,8 @@ struct AcpFold {
     db: Db,
     target: Target,
     record_id: Option<String>,
+    /// The session, held until the turn is settled.
+    claim: Option<Claim>,
 }
 
 impl Fold for AcpFold {
@@ -162,8 +165,8 @@ impl Fold for AcpFold {
         self.log.push(line)
     }
 
-    fn judge(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError> {
-        let (outcome, judged) = judge_turn(&self.log, exit_code, stderr);
+    fn exited(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError> {
+        let (outcome, judged) = turn_answer_or_error(&self.log, exit_code, stderr);
         judged.map(|_| outcome)
     }
 
@@ -190,6 +193,23 @@ impl Fold for AcpFold {
         }))
     }
 
+    /// Records the session's new cost total and frees it before the audit row closes, so
+    /// a client's next turn is never `busy`.
+    fn settle(&mut self) -> Option<BoxFuture<'static, ()>> {
+        let claim = self.claim.take()?;
+        let (_, cost_total) = self.log.cost(self.cost_before);
+        let (db, id) = (self.db.clone(), claim.session_id().to_string());
+        Some(Box::pin(async move {
+            if let Err(e) = db
+                .write(move |c| store::end_turn(c, &id, now_ms(), cost_total))
+                .await
+            {
+                tracing::error!(error = %e, "could not record the end of a turn");
+            }
+            drop(claim);
+        }))
+    }
+
     fn after_kill(&self) -> Option<BoxFuture<'static, ()>> {
         let home = acpx::children_home(&self.config)?;
         let record_id = self.record_id.clone()?;
@@ -211,7 +231,7 @@ pub async fn execute_turn(
         state,
         session,
         claim,
-        slot,
+        admission,
         permissions,
         timeout,
         prompt_text,
@@ -224,7 +244,7 @@ pub async fn execute_turn(
         .db
         .write(move |c| store::begin_turn(c, &id, now_ms()))
         .await?;
-    let (Some(turn_index), Some(_slot)) = (begun, slot) else {
+    let (Some(turn_index), Some(_admission)) = (begun, admission) else {
         // Closed, or stopped while it waited for a slot: nothing was started.
         let cancelled = begun.is_some() && claim.stop.stopped().await == StopWhy::Cancel;
         let recorded = audit
@@ -261,6 +281,7 @@ pub async fn execute_turn(
         &session.model,
         session.system_prompt.as_deref(),
     );
+    let stop = claim.stop.clone();
     let job = Job {
         kind: Kind::Turn,
         child: Child::Spawn {
@@ -274,28 +295,19 @@ pub async fn execute_turn(
             db: state.db.clone(),
             target: t,
             record_id: session.acpx_record_id.clone(),
+            claim: Some(claim),
         },
         timeout,
-        stop: claim.stop.clone(),
+        stop,
         gone,
         sink,
     };
     let ended = state.supervisor.supervise(job, &mut audit).await;
     let log = ended.fold.log;
-    let (cost, cost_total) = log.cost(session.cost_total);
-    let id = sid.clone();
-    if let Err(e) = state
-        .db
-        .write(move |c| store::end_turn(c, &id, now_ms(), cost_total))
-        .await
-    {
-        tracing::error!(error = %e, "could not record the end of a turn");
-    }
-    // Free the session before the answer leaves, so a client's next turn is never `busy`.
-    drop(claim);
+    let (cost, _) = log.cost(session.cost_total);
     ended.result?;
     let result = log.result.clone();
-    let tokens = |f: fn(&super::parse::PromptResult) -> Option<i64>| result.as_ref().and_then(f);
+    let tokens = |f: fn(&super::acp_log::PromptResult) -> Option<i64>| result.as_ref().and_then(f);
     let stop_reason = match (ended.outcome, &result) {
         (Outcome::Cancelled, _) => "cancelled".to_string(),
         (_, Some(r)) => r.stop_reason.clone(),
@@ -320,7 +332,7 @@ pub async fn execute_turn(
 /// A finished `acpx prompt`: the result answering this turn's prompt is the answer, even
 /// with a non-zero exit (acpx exits 5 when every permission request was denied, yet the
 /// agent answered); otherwise its error line, otherwise its exit and stderr.
-fn judge_turn(
+fn turn_answer_or_error(
     log: &TurnLog,
     code: Option<i32>,
     stderr: &str,
@@ -337,7 +349,7 @@ fn judge_turn(
     let err = match &log.error {
         Some(e) => usage_limit(&e.message, now_secs)
             .unwrap_or_else(|| ApiError::Upstream(clip(&e.message))),
-        None => match judge(None, code, stderr, now_secs) {
+        None => match answer_or_error(None, code, stderr, now_secs) {
             Err(e) => e,
             Ok(_) => ApiError::Upstream("the agent produced no result".into()),
         },

@@ -1,23 +1,13 @@
 //! The `clawdforge` binary itself: settings and their errors, the `tokens` subcommands with
 //! and without a running server, logging, and SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::harness::{body, stub, TestServer};
-
-pub fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawdforge"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::null());
-    cmd
-}
+use crate::harness::*;
 
 /// Every setting of API.md, by env name.
 const SETTINGS: &[&str] = &[
@@ -189,110 +179,6 @@ fn tokens_mint_creates_the_database() {
     assert!(data.join("clawdforge.db").exists());
 }
 
-/// The binary serving on a free port, its stderr collected line by line.
-pub struct Served {
-    pub child: Child,
-    pub url: String,
-    pub lines: std::sync::mpsc::Receiver<String>,
-    /// What it logged before it listened.
-    pub early: Vec<String>,
-}
-
-pub fn serve(data: &Path, extra: &[(&str, &str)]) -> Served {
-    let mut cmd = bin();
-    cmd.env("CLAWDFORGE_DATA_DIR", data)
-        .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
-        .env("CLAUDE_BIN", stub("claude"))
-        .env("ACPX_BIN", stub("acpx"))
-        .env(
-            "CLAWDFORGE_WARM_POOL",
-            crate::harness::test_warm_pool().to_string(),
-        )
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    // The server logs its bound address once it listens.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut early = Vec::new();
-    let url = loop {
-        let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => line,
-            Err(e) => {
-                // Not left running behind a failed test.
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("server did not start: {e}; it logged: {early:?}");
-            }
-        };
-        early.push(line.clone());
-        if let Some(i) = line.find("127.0.0.1:") {
-            if line.contains("listening") {
-                let addr: String = line[i..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                    .collect();
-                break format!("http://{addr}");
-            }
-        }
-    };
-    Served {
-        child,
-        url,
-        lines: rx,
-        early,
-    }
-}
-
-impl Served {
-    pub fn collect_lines(&self) -> Vec<String> {
-        self.early
-            .iter()
-            .cloned()
-            .chain(self.lines.try_iter())
-            .collect()
-    }
-
-    /// Sends SIGTERM and waits (bounded) for the exit status.
-    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not exit within {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn logs_carry_request_ids_and_token_ids_never_tokens_and_sigterm_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
@@ -440,12 +326,14 @@ async fn a_sigkilled_server_leaves_nothing_after_restart() {
     });
     let rec_dir = records.clone();
     eventually("stub started its grandchild", move || {
-        !crate::runs::grandchildren(&rec_dir).is_empty()
+        !crate::harness::grandchildren(&rec_dir).is_empty()
     })
     .await;
-    let pid = crate::runs::records(&records)[0]["pid"].as_i64().unwrap() as i32;
-    let grandchild = crate::runs::grandchildren(&records)[0];
-    let record = crate::runs::records(&records)[0].clone();
+    let pid = crate::harness::records(&records)[0]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    let grandchild = crate::harness::grandchildren(&records)[0];
+    let record = crate::harness::records(&records)[0].clone();
     assert!(!crate::harness::dir_gone(&record));
 
     served.child.kill().unwrap();

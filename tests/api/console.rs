@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::harness::{body, TestServer, ADMIN};
-use crate::sessions::open_session;
+use crate::harness::open_session;
 
 /// Signs in; returns the cookie pair (`cf_console=…`), the raw `Set-Cookie` and the CSRF token.
 async fn sign_in(s: &TestServer, headers: HeaderMap) -> (String, String, String) {

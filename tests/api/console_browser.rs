@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::harness::{eventually, repo_root, TestServer, ADMIN};
-use crate::sessions::open_session;
+use crate::harness::open_session;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 

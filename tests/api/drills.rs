@@ -15,8 +15,8 @@ use reqwest::Client;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::binary::serve;
 use crate::harness::alive;
+use crate::harness::serve;
 
 const ADMIN: &str = "drill-admin-secret-0123456789abcdef";
 /// How many times the server is killed.

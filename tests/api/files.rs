@@ -9,94 +9,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{body, eventually, TestServer};
-
-const BOUNDARY: &str = "cf-test-boundary-7MA4YWxkTrZu0gW";
-
-/// One multipart part: field name, the raw `filename` parameter (written as given between
-/// quotes, so tests control every byte), and the content.
-struct Part<'a> {
-    name: &'a str,
-    filename: Option<&'a [u8]>,
-    data: &'a [u8],
-}
-
-fn file_part<'a>(filename: &'a str, data: &'a [u8]) -> Part<'a> {
-    Part {
-        name: "file",
-        filename: Some(filename.as_bytes()),
-        data,
-    }
-}
-
-fn ttl_part(ttl: &str) -> Part<'_> {
-    Part {
-        name: "ttl_secs",
-        filename: None,
-        data: ttl.as_bytes(),
-    }
-}
-
-fn multipart_head(name: &str, filename: Option<&[u8]>) -> Vec<u8> {
-    let mut out =
-        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"").into_bytes();
-    if let Some(f) = filename {
-        out.extend_from_slice(b"; filename=\"");
-        out.extend_from_slice(f);
-        out.extend_from_slice(b"\"\r\nContent-Type: application/octet-stream");
-    }
-    out.extend_from_slice(b"\r\n\r\n");
-    out
-}
-
-fn multipart(parts: &[Part<'_>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for p in parts {
-        out.extend(multipart_head(p.name, p.filename));
-        out.extend_from_slice(p.data);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    out
-}
-
-/// The head of a `POST /files` for a raw socket.
-fn upload_head(s: &TestServer, token: &str, content_length: u64) -> String {
-    format!(
-        "POST /files HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\
-         Content-Length: {content_length}\r\n\r\n",
-        s.addr
-    )
-}
-
-/// `req` with a multipart body in our boundary.
-fn with_multipart(req: reqwest::RequestBuilder, body: Vec<u8>) -> reqwest::RequestBuilder {
-    req.header(
-        "content-type",
-        format!("multipart/form-data; boundary={BOUNDARY}"),
-    )
-    .body(body)
-}
-
-async fn post_files(s: &TestServer, token: &str, parts: &[Part<'_>]) -> (u16, Value) {
-    send(with_multipart(
-        s.app(token, Method::POST, "/files"),
-        multipart(parts),
-    ))
-    .await
-}
-
-/// Uploads `data` as `filename`; asserts 201 and returns the file token.
-pub async fn upload(s: &TestServer, token: &str, filename: &str, data: &[u8]) -> String {
-    let (st, v) = post_files(s, token, &[file_part(filename, data)]).await;
-    assert_eq!(st, 201, "{v}");
-    v["file_token"].as_str().unwrap().to_string()
-}
-
-async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
-    body(req.send().await.unwrap()).await
-}
+use crate::harness::*;
 
 async fn show(s: &TestServer, token: &str, ft: &str) -> (u16, Value) {
     send(s.app(token, Method::GET, &format!("/files/{ft}"))).await
@@ -104,10 +17,6 @@ async fn show(s: &TestServer, token: &str, ft: &str) -> (u16, Value) {
 
 async fn delete(s: &TestServer, token: &str, ft: &str) -> (u16, Value) {
     send(s.app(token, Method::DELETE, &format!("/files/{ft}"))).await
-}
-
-async fn run(s: &TestServer, token: &str, req: Value) -> (u16, Value) {
-    send(s.app(token, Method::POST, "/run").json(&req)).await
 }
 
 /// Names in the uploads dir, sorted (temp files included).
@@ -129,7 +38,7 @@ fn file_rows(s: &TestServer) -> i64 {
 /// Run dirs still present among the runs the stub answered (idle warm-pool dirs, which
 /// answered nothing yet, do not count).
 fn run_dirs(s: &TestServer) -> usize {
-    crate::runs::records(&s.record_dir)
+    crate::harness::records(&s.record_dir)
         .iter()
         .filter(|r| !crate::harness::dir_gone(r))
         .count()

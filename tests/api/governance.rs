@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::harness::{body, eventually, TestServer};
-use crate::runs::{records, run};
+use crate::harness::{records, run};
 
 /// `POST /run`, answered as the raw response (for its headers).
 async fn post_run(s: &TestServer, token: &str, b: Value) -> reqwest::Response {
@@ -549,7 +549,7 @@ async fn usage_limit_blocks_runs_until_reset_without_spawning() {
 async fn cli_mint_takes_policy_flags_and_rotates() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let out = crate::binary::bin()
+    let out = crate::harness::bin()
         .env("CLAWDFORGE_DATA_DIR", &data)
         .args([
             "tokens",
@@ -593,7 +593,7 @@ async fn cli_mint_takes_policy_flags_and_rotates() {
     );
     assert_eq!(v["expires_at"], "2099-05-06T07:08:09Z");
     let id = v["id"].as_str().unwrap();
-    let out = crate::binary::bin()
+    let out = crate::harness::bin()
         .env("CLAWDFORGE_DATA_DIR", &data)
         .args(["tokens", "rotate", id])
         .output()
@@ -601,7 +601,7 @@ async fn cli_mint_takes_policy_flags_and_rotates() {
     assert!(out.status.success());
     let new = String::from_utf8(out.stdout).unwrap();
     assert!(new.trim().starts_with("cf_") && new.trim() != v["token"].as_str().unwrap());
-    let bad = crate::binary::bin()
+    let bad = crate::harness::bin()
         .env("CLAWDFORGE_DATA_DIR", &data)
         .args([
             "tokens",

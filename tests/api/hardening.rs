@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::harness::{alive, eventually, TestServer};
-use crate::runs::records;
+use crate::harness::records;
 
 /// Longest any single read below may wait before the test calls the server stuck.
 const STUCK: Duration = Duration::from_secs(20);
@@ -268,7 +268,7 @@ async fn a_hang_up_after_a_stray_crlf_still_stops_the_run() {
 #[tokio::test]
 async fn sigterm_with_slow_sockets_open_does_not_wait_for_them() {
     let dir = tempfile::tempdir().unwrap();
-    let mut served = crate::binary::serve(dir.path(), &[("CLAWDFORGE_HEADER_TIMEOUT_SECS", "60")]);
+    let mut served = crate::harness::serve(dir.path(), &[("CLAWDFORGE_HEADER_TIMEOUT_SECS", "60")]);
     let addr = served.url.trim_start_matches("http://").to_string();
     let mut slow = Vec::new();
     for _ in 0..50 {
@@ -302,8 +302,8 @@ async fn sigterm_with_slow_sockets_open_does_not_wait_for_them() {
 #[test]
 fn a_second_server_on_the_same_data_dir_refuses_naming_the_holder() {
     let dir = tempfile::tempdir().unwrap();
-    let served = crate::binary::serve(dir.path(), &[]);
-    let out = crate::binary::bin()
+    let served = crate::harness::serve(dir.path(), &[]);
+    let out = crate::harness::bin()
         .env("CLAWDFORGE_DATA_DIR", dir.path())
         .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
         .env("CLAUDE_BIN", crate::harness::stub("claude"))
@@ -321,20 +321,20 @@ fn a_second_server_on_the_same_data_dir_refuses_naming_the_holder() {
     let holder = std::fs::read_to_string(dir.path().join("clawdforge.lock")).unwrap();
     assert_eq!(holder.trim(), served.child.id().to_string());
     // The offline subcommands work beside it.
-    let tokens = crate::binary::bin()
+    let tokens = crate::harness::bin()
         .env("CLAWDFORGE_DATA_DIR", dir.path())
         .args(["tokens", "list", "--json"])
         .output()
         .unwrap();
     assert!(tokens.status.success(), "{tokens:?}");
-    let backup = crate::binary::bin()
+    let backup = crate::harness::bin()
         .env("CLAWDFORGE_DATA_DIR", dir.path())
         .arg("backup")
         .arg(dir.path().join("copy.db"))
         .output()
         .unwrap();
     assert!(backup.status.success(), "{backup:?}");
-    let doctor = crate::binary::bin()
+    let doctor = crate::harness::bin()
         .env("CLAWDFORGE_DATA_DIR", dir.path())
         .env("CLAUDE_BIN", crate::harness::stub("claude"))
         .env("ACPX_BIN", crate::harness::stub("acpx"))
@@ -353,7 +353,7 @@ fn a_second_server_on_the_same_data_dir_refuses_naming_the_holder() {
 fn a_damaged_database_is_refused_at_start_up_with_the_doctors_fix() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["a", "b", "c"] {
-        let out = crate::binary::bin()
+        let out = crate::harness::bin()
             .env("CLAWDFORGE_DATA_DIR", dir.path())
             .args(["tokens", "mint", "--name", name])
             .output()
@@ -371,7 +371,7 @@ fn a_damaged_database_is_refused_at_start_up_with_the_doctors_fix() {
         bytes[start..end].fill(0);
     }
     std::fs::write(&db, &bytes).unwrap();
-    let out = crate::binary::bin()
+    let out = crate::harness::bin()
         .env("CLAWDFORGE_DATA_DIR", dir.path())
         .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
         .env("CLAUDE_BIN", crate::harness::stub("claude"))
@@ -425,7 +425,7 @@ async fn probe_children_die_with_the_server() {
     )
     .unwrap();
     std::fs::set_permissions(&cli, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let mut server = crate::binary::bin()
+    let mut server = crate::harness::bin()
         .env("CLAWDFORGE_DATA_DIR", dir.path().join("data"))
         .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
         .env("CLAUDE_BIN", &cli)

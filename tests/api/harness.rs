@@ -2,10 +2,15 @@
 //! `App::start` + `serve` that `main` uses), an HTTP client, and helpers to look at what the
 //! server left behind (database rows, files, processes).
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clawdforge::{App, AppState, Config};
+
+use crate::fake_upstream::FakeUpstream;
 use reqwest::{Method, RequestBuilder, Response};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -298,4 +303,383 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
+}
+
+// ---- Shared helpers of the test files (one home; no test file imports another's) ----
+
+/// Every record the stub wrote (one per answered prompt), oldest first.
+pub fn records(dir: &Path) -> Vec<Value> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p: &std::path::PathBuf| p.extension().is_some_and(|e| e == "json"));
+    files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    files
+        .iter()
+        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .collect()
+}
+
+pub async fn run(s: &TestServer, token: &str, body_json: Value) -> (u16, Value) {
+    body(
+        s.app(token, Method::POST, "/run")
+            .json(&body_json)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// Pids the stub recorded for its grandchildren.
+pub fn grandchildren(dir: &Path) -> Vec<i32> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("grandchild-"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Reads an SSE body into (event, data) pairs.
+pub async fn sse_events(res: reqwest::Response) -> Vec<(String, Value)> {
+    let text = res.text().await.unwrap();
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let mut event = None;
+        let mut data = String::new();
+        for line in block.lines() {
+            if let Some(e) = line
+                .strip_prefix("event: ")
+                .or_else(|| line.strip_prefix("event:"))
+            {
+                event = Some(e.trim().to_string());
+            } else if let Some(d) = line
+                .strip_prefix("data: ")
+                .or_else(|| line.strip_prefix("data:"))
+            {
+                data.push_str(d);
+            }
+        }
+        if let Some(e) = event {
+            out.push((e, serde_json::from_str(&data).unwrap_or(Value::Null)));
+        }
+    }
+    out
+}
+
+pub fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawdforge"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// The binary serving on a free port, its stderr collected line by line.
+pub struct Served {
+    pub child: Child,
+    pub url: String,
+    pub lines: std::sync::mpsc::Receiver<String>,
+    /// What it logged before it listened.
+    pub early: Vec<String>,
+}
+
+pub fn serve(data: &Path, extra: &[(&str, &str)]) -> Served {
+    let mut cmd = bin();
+    cmd.env("CLAWDFORGE_DATA_DIR", data)
+        .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
+        .env("CLAUDE_BIN", stub("claude"))
+        .env("ACPX_BIN", stub("acpx"))
+        .env("CLAWDFORGE_WARM_POOL", test_warm_pool().to_string())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The server logs its bound address once it listens.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut early = Vec::new();
+    let url = loop {
+        let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => line,
+            Err(e) => {
+                // Not left running behind a failed test.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server did not start: {e}; it logged: {early:?}");
+            }
+        };
+        early.push(line.clone());
+        if let Some(i) = line.find("127.0.0.1:") {
+            if line.contains("listening") {
+                let addr: String = line[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect();
+                break format!("http://{addr}");
+            }
+        }
+    };
+    Served {
+        child,
+        url,
+        lines: rx,
+        early,
+    }
+}
+
+impl Served {
+    pub fn collect_lines(&self) -> Vec<String> {
+        self.early
+            .iter()
+            .cloned()
+            .chain(self.lines.try_iter())
+            .collect()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn create(s: &TestServer, token: &str, b: Value) -> (u16, Value) {
+    s.post_json(token, "/sessions", &b).await
+}
+
+pub async fn open_session(s: &TestServer, token: &str) -> String {
+    let (st, v) = create(s, token, json!({})).await;
+    assert_eq!(st, 201, "{v}");
+    v["session_id"].as_str().unwrap().to_string()
+}
+
+pub async fn turn(s: &TestServer, token: &str, id: &str, b: Value) -> (u16, Value) {
+    s.post_json(token, &format!("/sessions/{id}/turn"), &b)
+        .await
+}
+
+/// A turn sent on its own task, for tests that act while it runs.
+pub fn spawn_turn(
+    s: &TestServer,
+    token: &str,
+    id: &str,
+    prompt: &str,
+) -> tokio::task::JoinHandle<(u16, Value)> {
+    let req = s
+        .app(token, Method::POST, &format!("/sessions/{id}/turn"))
+        .json(&json!({ "prompt": prompt }));
+    tokio::spawn(async move { body(req.send().await.unwrap()).await })
+}
+
+/// The same against the binary serving at `url`; the server may die under it.
+pub fn spawn_served_turn(
+    url: &str,
+    token: &str,
+    id: &str,
+    prompt: &str,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    let req = reqwest::Client::new()
+        .post(format!("{url}/sessions/{id}/turn"))
+        .bearer_auth(token)
+        .json(&json!({ "prompt": prompt }));
+    tokio::spawn(async move { req.send().await })
+}
+
+/// With the binary serving at `url`: a token minted with `admin`, and a session of it.
+pub async fn served_session(url: &str, admin: &str) -> (String, String) {
+    let client = reqwest::Client::new();
+    let res = client
+        .post(format!("{url}/admin/tokens"))
+        .bearer_auth(admin)
+        .json(&json!({"name": "bin"}))
+        .send()
+        .await
+        .unwrap();
+    let token = body(res).await.1["token"].as_str().unwrap().to_string();
+    let res = client
+        .post(format!("{url}/sessions"))
+        .bearer_auth(&token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = body(res).await;
+    assert_eq!(st, 201, "{v}");
+    (token, v["session_id"].as_str().unwrap().to_string())
+}
+
+pub async fn call(s: &TestServer, token: &str, method: Method, path: &str) -> (u16, Value) {
+    body(s.app(token, method, path).send().await.unwrap()).await
+}
+
+/// A server whose children are the real CLIs, talking to `fake`.
+pub async fn real_server(
+    fake: &FakeUpstream,
+    tweak: impl FnOnce(&mut clawdforge::Config),
+) -> TestServer {
+    let dir = Arc::new(
+        tempfile::Builder::new()
+            .prefix("cf-real-")
+            .tempdir()
+            .unwrap(),
+    );
+    real_server_in(fake, dir, tweak).await
+}
+
+/// The same on an existing dir (for restart tests): same data, `HOME` and Claude config.
+pub async fn real_server_in(
+    fake: &FakeUpstream,
+    dir: Arc<tempfile::TempDir>,
+    tweak: impl FnOnce(&mut clawdforge::Config),
+) -> TestServer {
+    let claude = real_bin("claude");
+    assert!(
+        claude.exists(),
+        "{} missing: run scripts/install-agents.sh",
+        claude.display()
+    );
+    let config_dir = dir.path().join("claude-config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let mut env = fake.child_env(&config_dir);
+    // acpx looks for claude-agent-acp beside itself and on PATH.
+    let bin_dir = claude.parent().unwrap().display().to_string();
+    env.push((
+        "PATH".into(),
+        format!("{bin_dir}:{}", std::env::var("PATH").unwrap_or_default()),
+    ));
+    TestServer::start_in(dir, move |c| {
+        c.settings.claude_bin = claude.clone();
+        c.settings.acpx_bin = real_bin("acpx");
+        c.child_env_overrides.extend(env);
+        tweak(c);
+    })
+    .await
+}
+
+pub const BOUNDARY: &str = "cf-test-boundary-7MA4YWxkTrZu0gW";
+
+/// One multipart part: field name, the raw `filename` parameter (written as given between
+/// quotes, so tests control every byte), and the content.
+pub struct Part<'a> {
+    pub name: &'a str,
+    pub filename: Option<&'a [u8]>,
+    pub data: &'a [u8],
+}
+
+pub fn file_part<'a>(filename: &'a str, data: &'a [u8]) -> Part<'a> {
+    Part {
+        name: "file",
+        filename: Some(filename.as_bytes()),
+        data,
+    }
+}
+
+pub fn ttl_part(ttl: &str) -> Part<'_> {
+    Part {
+        name: "ttl_secs",
+        filename: None,
+        data: ttl.as_bytes(),
+    }
+}
+
+pub fn multipart_head(name: &str, filename: Option<&[u8]>) -> Vec<u8> {
+    let mut out =
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"").into_bytes();
+    if let Some(f) = filename {
+        out.extend_from_slice(b"; filename=\"");
+        out.extend_from_slice(f);
+        out.extend_from_slice(b"\"\r\nContent-Type: application/octet-stream");
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+    out
+}
+
+pub fn multipart(parts: &[Part<'_>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts {
+        out.extend(multipart_head(p.name, p.filename));
+        out.extend_from_slice(p.data);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    out
+}
+
+/// The head of a `POST /files` for a raw socket.
+pub fn upload_head(s: &TestServer, token: &str, content_length: u64) -> String {
+    format!(
+        "POST /files HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\
+         Content-Length: {content_length}\r\n\r\n",
+        s.addr
+    )
+}
+
+/// `req` with a multipart body in our boundary.
+pub fn with_multipart(req: reqwest::RequestBuilder, body: Vec<u8>) -> reqwest::RequestBuilder {
+    req.header(
+        "content-type",
+        format!("multipart/form-data; boundary={BOUNDARY}"),
+    )
+    .body(body)
+}
+
+pub async fn post_files(s: &TestServer, token: &str, parts: &[Part<'_>]) -> (u16, Value) {
+    send(with_multipart(
+        s.app(token, Method::POST, "/files"),
+        multipart(parts),
+    ))
+    .await
+}
+
+/// Uploads `data` as `filename`; asserts 201 and returns the file token.
+pub async fn upload(s: &TestServer, token: &str, filename: &str, data: &[u8]) -> String {
+    let (st, v) = post_files(s, token, &[file_part(filename, data)]).await;
+    assert_eq!(st, 201, "{v}");
+    v["file_token"].as_str().unwrap().to_string()
+}
+
+/// Status and JSON body of a request (see [`body`]).
+pub async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
+    body(req.send().await.unwrap()).await
 }

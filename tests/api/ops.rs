@@ -14,7 +14,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-use crate::binary::bin;
+use crate::harness::bin;
 use crate::harness::{body, repo_root, stub, TestServer, ADMIN};
 
 /// A directory holding `bin/` with the stub CLIs the way an npm prefix holds the real

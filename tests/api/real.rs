@@ -1,69 +1,11 @@
 //! The real pinned `claude` (installed by scripts/install-agents.sh) against the fake
 //! Anthropic Messages API on loopback: what the broker does with a real CLI's output.
 
-use std::sync::Arc;
-
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::fake_upstream::{FakeUpstream, Reply};
-use crate::harness::{body, real_bin, TestServer};
-use crate::runs::sse_events;
-
-/// A server whose children are the real CLIs, talking to `fake`.
-pub async fn real_server(
-    fake: &FakeUpstream,
-    tweak: impl FnOnce(&mut clawdforge::Config),
-) -> TestServer {
-    let dir = Arc::new(
-        tempfile::Builder::new()
-            .prefix("cf-real-")
-            .tempdir()
-            .unwrap(),
-    );
-    real_server_in(fake, dir, tweak).await
-}
-
-/// The same on an existing dir (for restart tests): same data, `HOME` and Claude config.
-pub async fn real_server_in(
-    fake: &FakeUpstream,
-    dir: Arc<tempfile::TempDir>,
-    tweak: impl FnOnce(&mut clawdforge::Config),
-) -> TestServer {
-    let claude = real_bin("claude");
-    assert!(
-        claude.exists(),
-        "{} missing: run scripts/install-agents.sh",
-        claude.display()
-    );
-    let config_dir = dir.path().join("claude-config");
-    std::fs::create_dir_all(&config_dir).unwrap();
-    let mut env = fake.child_env(&config_dir);
-    // acpx looks for claude-agent-acp beside itself and on PATH.
-    let bin_dir = claude.parent().unwrap().display().to_string();
-    env.push((
-        "PATH".into(),
-        format!("{bin_dir}:{}", std::env::var("PATH").unwrap_or_default()),
-    ));
-    TestServer::start_in(dir, move |c| {
-        c.settings.claude_bin = claude.clone();
-        c.settings.acpx_bin = real_bin("acpx");
-        c.child_env_overrides.extend(env);
-        tweak(c);
-    })
-    .await
-}
-
-async fn run(s: &TestServer, token: &str, b: Value) -> (u16, Value) {
-    body(
-        s.app(token, Method::POST, "/run")
-            .json(&b)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-}
+use crate::harness::*;
 
 #[tokio::test]
 async fn real_claude_answers_are_parsed() {

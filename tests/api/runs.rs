@@ -1,41 +1,16 @@
 //! `POST /run` against the stub `claude`: argv and stdin, staged dirs, result parsing,
 //! process-group kills, output caps, admission control, streaming and the audit row.
 
-use std::path::Path;
 use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::harness::{alive, body, dir_gone, eventually, TestServer};
-
-/// Every record the stub wrote (one per answered prompt), oldest first.
-pub fn records(dir: &Path) -> Vec<Value> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    files.retain(|p: &std::path::PathBuf| p.extension().is_some_and(|e| e == "json"));
-    files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-    files
-        .iter()
-        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
-        .collect()
-}
+use crate::harness::*;
 
 /// Whether every run the stub answered has had its working dir removed.
 fn all_dirs_gone(s: &TestServer) -> bool {
     records(&s.record_dir).iter().all(dir_gone)
-}
-
-pub async fn run(s: &TestServer, token: &str, body_json: Value) -> (u16, Value) {
-    body(
-        s.app(token, Method::POST, "/run")
-            .json(&body_json)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
 }
 
 #[tokio::test]
@@ -206,22 +181,6 @@ async fn cli_failures_map_to_upstream_errors() {
     assert!(all_dirs_gone(&s));
 }
 
-/// Pids the stub recorded for its grandchildren.
-pub fn grandchildren(dir: &Path) -> Vec<i32> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("grandchild-"))
-        .map(|e| {
-            std::fs::read_to_string(e.path())
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn timeout_kills_the_whole_group_even_when_sigterm_is_ignored() {
     let s = TestServer::start().await;
@@ -385,33 +344,6 @@ async fn full_queue_and_queue_timeout_answer_429() {
     assert!(res.headers().contains_key("retry-after"));
     assert_eq!(body(res).await.0, 429, "queue timeout");
     busy.abort();
-}
-
-/// Reads an SSE body into (event, data) pairs.
-pub async fn sse_events(res: reqwest::Response) -> Vec<(String, Value)> {
-    let text = res.text().await.unwrap();
-    let mut out = Vec::new();
-    for block in text.split("\n\n") {
-        let mut event = None;
-        let mut data = String::new();
-        for line in block.lines() {
-            if let Some(e) = line
-                .strip_prefix("event: ")
-                .or_else(|| line.strip_prefix("event:"))
-            {
-                event = Some(e.trim().to_string());
-            } else if let Some(d) = line
-                .strip_prefix("data: ")
-                .or_else(|| line.strip_prefix("data:"))
-            {
-                data.push_str(d);
-            }
-        }
-        if let Some(e) = event {
-            out.push((e, serde_json::from_str(&data).unwrap_or(Value::Null)));
-        }
-    }
-    out
 }
 
 #[tokio::test]

@@ -7,23 +7,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::harness::{alive, body, eventually, TestServer};
-use crate::runs::{records, sse_events};
-
-pub async fn create(s: &TestServer, token: &str, b: Value) -> (u16, Value) {
-    s.post_json(token, "/sessions", &b).await
-}
-
-pub async fn open_session(s: &TestServer, token: &str) -> String {
-    let (st, v) = create(s, token, json!({})).await;
-    assert_eq!(st, 201, "{v}");
-    v["session_id"].as_str().unwrap().to_string()
-}
-
-pub async fn turn(s: &TestServer, token: &str, id: &str, b: Value) -> (u16, Value) {
-    s.post_json(token, &format!("/sessions/{id}/turn"), &b)
-        .await
-}
+use crate::harness::*;
 
 /// Starts a streamed turn and reads until its first message chunk: the agent is at work.
 async fn streaming_turn(s: &TestServer, token: &str, id: &str, prompt: &str) -> reqwest::Response {
@@ -36,60 +20,6 @@ async fn streaming_turn(s: &TestServer, token: &str, id: &str, prompt: &str) -> 
     let head = read_until(&mut res, "agent_message_chunk").await;
     assert!(head.contains("event: acp"), "{head}");
     res
-}
-
-/// A turn sent on its own task, for tests that act while it runs.
-pub fn spawn_turn(
-    s: &TestServer,
-    token: &str,
-    id: &str,
-    prompt: &str,
-) -> tokio::task::JoinHandle<(u16, Value)> {
-    let req = s
-        .app(token, Method::POST, &format!("/sessions/{id}/turn"))
-        .json(&json!({ "prompt": prompt }));
-    tokio::spawn(async move { body(req.send().await.unwrap()).await })
-}
-
-/// The same against the binary serving at `url`; the server may die under it.
-pub fn spawn_served_turn(
-    url: &str,
-    token: &str,
-    id: &str,
-    prompt: &str,
-) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
-    let req = reqwest::Client::new()
-        .post(format!("{url}/sessions/{id}/turn"))
-        .bearer_auth(token)
-        .json(&json!({ "prompt": prompt }));
-    tokio::spawn(async move { req.send().await })
-}
-
-/// With the binary serving at `url`: a token minted with `admin`, and a session of it.
-pub async fn served_session(url: &str, admin: &str) -> (String, String) {
-    let client = reqwest::Client::new();
-    let res = client
-        .post(format!("{url}/admin/tokens"))
-        .bearer_auth(admin)
-        .json(&json!({"name": "bin"}))
-        .send()
-        .await
-        .unwrap();
-    let token = body(res).await.1["token"].as_str().unwrap().to_string();
-    let res = client
-        .post(format!("{url}/sessions"))
-        .bearer_auth(&token)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    let (st, v) = body(res).await;
-    assert_eq!(st, 201, "{v}");
-    (token, v["session_id"].as_str().unwrap().to_string())
-}
-
-pub async fn call(s: &TestServer, token: &str, method: Method, path: &str) -> (u16, Value) {
-    body(s.app(token, method, path).send().await.unwrap()).await
 }
 
 /// A read-write connection, for ageing rows the way time would.
@@ -577,7 +507,7 @@ async fn attachments_are_staged_into_the_session_dir() {
     let s = TestServer::start().await;
     let (_, t) = s.mint("a").await;
     let id = open_session(&s, &t).await;
-    let ft = crate::files::upload(&s, &t, "recipe.txt", b"flour, water").await;
+    let ft = crate::harness::upload(&s, &t, "recipe.txt", b"flour, water").await;
     let (st, v) = turn(
         &s,
         &t,
@@ -771,7 +701,7 @@ async fn twenty_sessions_leave_no_processes_behind() {
 
 #[tokio::test]
 async fn a_sigkilled_server_mid_turn_leaves_a_usable_session() {
-    use crate::binary::serve;
+    use crate::harness::serve;
     let dir = tempfile::tempdir().unwrap();
     let records_dir = dir.path().join("records");
     let home = dir.path().join("home");
@@ -793,10 +723,10 @@ async fn a_sigkilled_server_mid_turn_leaves_a_usable_session() {
     let (token, id) = served_session(&served.url, admin).await;
     let pending = spawn_served_turn(&served.url, &token, &id, "@stub:grandchild\n@stub:sleep=30");
     eventually("the turn started its grandchild", || {
-        !crate::runs::grandchildren(&records_dir).is_empty()
+        !crate::harness::grandchildren(&records_dir).is_empty()
     })
     .await;
-    let grandchild = crate::runs::grandchildren(&records_dir)[0];
+    let grandchild = crate::harness::grandchildren(&records_dir)[0];
     let pid = records(&records_dir)[0]["pid"].as_i64().unwrap() as i32;
 
     served.child.kill().unwrap();

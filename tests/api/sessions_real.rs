@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 
 use crate::fake_upstream::{conversation_text, system_text, FakeUpstream, Reply};
 use crate::harness::{alive, body, eventually, real_bin, TestServer};
-use crate::real::{real_server, real_server_in};
-use crate::sessions::{call, create, served_session, spawn_served_turn, spawn_turn, turn};
+use crate::harness::{call, create, served_session, spawn_served_turn, spawn_turn, turn};
+use crate::harness::{real_server, real_server_in};
 
 /// The session idle TTL, hence acpx's `--ttl`: a test that fails before closing its
 /// session leaves a warm agent behind for this long, not the default hour.
@@ -297,7 +297,7 @@ async fn real_acpx_cancel_and_timeout_leave_the_session_usable() {
 
 #[tokio::test]
 async fn real_acpx_survivors_of_a_sigkilled_server_are_stopped_at_start_up() {
-    use crate::binary::serve;
+    use crate::harness::serve;
     let fake = FakeUpstream::start().await;
     fake.reply_when("HANGTWO", Reply::Hang);
     let dir = tempfile::tempdir().unwrap();

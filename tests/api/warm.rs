@@ -5,8 +5,8 @@
 use reqwest::Method;
 use serde_json::json;
 
+use crate::harness::records;
 use crate::harness::{alive, body, eventually, TestServer};
-use crate::runs::records;
 
 fn warm_rows(s: &TestServer) -> Vec<Option<i64>> {
     let db = s.db();

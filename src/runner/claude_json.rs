@@ -139,7 +139,7 @@ pub(crate) fn clip(s: &str) -> String {
 
 /// Turns a finished CLI into the answer's text or the API error, deciding by `is_error` and
 /// the exit code (never by `subtype`).
-pub fn judge(
+pub fn answer_or_error(
     result: Option<CliResult>,
     exit_code: Option<i32>,
     stderr: &str,
@@ -157,6 +157,10 @@ pub fn judge(
                 .unwrap_or_else(|| "the agent reported an error".into());
             if let Some(limit) = usage_limit(&message, now_secs) {
                 return Err(limit);
+            }
+            // Claude Code 2.1.197: `Not logged in · Please run /login`.
+            if message.contains("Please run /login") || message.starts_with("Not logged in") {
+                return Err(ApiError::NotLoggedIn(clip(&message)));
             }
             Err(ApiError::Upstream(clip(&message)))
         }
@@ -214,24 +218,24 @@ mod tests {
     fn errors_are_judged_by_is_error_and_exit() {
         let line = r#"{"type":"result","subtype":"success","is_error":true,"result":"Not logged in · Please run /login"}"#;
         let r = parse_result_line(line.as_bytes()).unwrap();
-        match judge(Some(r), Some(1), "", 0) {
-            Err(ApiError::Upstream(m)) => assert_eq!(m, "Not logged in · Please run /login"),
+        match answer_or_error(Some(r), Some(1), "", 0) {
+            Err(ApiError::NotLoggedIn(m)) => assert_eq!(m, "Not logged in · Please run /login"),
             other => panic!("{other:?}"),
         }
         let line = br#"{"type":"result","subtype":"error_max_turns","is_error":true,"errors":["Reached max turns"]}"#;
         assert!(
-            matches!(judge(parse_result_line(line), Some(1), "", 0), Err(ApiError::Upstream(m)) if m == "Reached max turns")
+            matches!(answer_or_error(parse_result_line(line), Some(1), "", 0), Err(ApiError::Upstream(m)) if m == "Reached max turns")
         );
         let ok = br#"{"type":"result","subtype":"success","is_error":false,"result":"hi","total_cost_usd":0.5,"usage":{"input_tokens":3,"output_tokens":4}}"#;
-        let r = judge(parse_result_line(ok), Some(0), "", 0).unwrap();
+        let r = answer_or_error(parse_result_line(ok), Some(0), "", 0).unwrap();
         assert_eq!(
             (r.cost_usd, r.input_tokens, r.output_tokens),
             (Some(0.5), Some(3), Some(4))
         );
         // A success object with a non-zero exit is still an error.
-        assert!(judge(parse_result_line(ok), Some(2), "", 0).is_err());
+        assert!(answer_or_error(parse_result_line(ok), Some(2), "", 0).is_err());
         assert!(
-            matches!(judge(None, Some(3), "boom\n", 0), Err(ApiError::Upstream(m)) if m.contains("boom"))
+            matches!(answer_or_error(None, Some(3), "boom\n", 0), Err(ApiError::Upstream(m)) if m.contains("boom"))
         );
         assert!(parse_result_line(b"not json").is_none());
         assert!(parse_result_line(br#"{"type":"assistant"}"#).is_none());
