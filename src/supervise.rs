@@ -778,6 +778,29 @@ mod tests {
         }
     }
 
+    /// A `running` audit row and its guard.
+    async fn open_row(b: &Bench) -> (i64, AuditGuard) {
+        let entry = AuditEntry {
+            kind: "run".into(),
+            outcome: Some(Outcome::Running),
+            ..Default::default()
+        };
+        let id = b.db.write(move |c| audit::insert(c, &entry)).await.unwrap();
+        (id, b.sup.audit_guard(id))
+    }
+
+    fn sh(script: &str, max_output: u64, audit_id: i64) -> Spec {
+        Spec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            cwd: std::env::temp_dir(),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            max_output,
+            owns_dir: None,
+            audit_id: Some(audit_id),
+        }
+    }
+
     struct Run {
         outcome: Outcome,
         code: Option<&'static str>,
@@ -790,24 +813,10 @@ mod tests {
         script: &str,
         prepare: impl FnOnce(&Stopper, &CancellationToken),
     ) -> Run {
-        let entry = AuditEntry {
-            kind: "run".into(),
-            outcome: Some(Outcome::Running),
-            ..Default::default()
-        };
-        let id = b.db.write(move |c| audit::insert(c, &entry)).await.unwrap();
-        let mut guard = b.sup.audit_guard(id);
+        let (id, mut guard) = open_row(b).await;
         let (stop, gone) = (Stopper::default(), CancellationToken::new());
         prepare(&stop, &gone);
-        let spec = Spec {
-            program: "/bin/sh".into(),
-            args: vec!["-c".into(), script.into()],
-            cwd: std::env::temp_dir(),
-            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            max_output: b.max_output,
-            owns_dir: None,
-            audit_id: Some(id),
-        };
+        let spec = sh(script, b.max_output, id);
         let job = Job {
             kind: Kind::Run,
             child: Child::Spawn {
@@ -900,27 +909,13 @@ mod tests {
     #[tokio::test]
     async fn a_full_sink_holds_the_child_but_not_the_deadline() {
         let b = bench().await;
-        let entry = AuditEntry {
-            kind: "run".into(),
-            outcome: Some(Outcome::Running),
-            ..Default::default()
-        };
-        let id = b.db.write(move |c| audit::insert(c, &entry)).await.unwrap();
-        let mut guard = b.sup.audit_guard(id);
+        let (id, mut guard) = open_row(&b).await;
         // Nobody reads the receiver: the sink fills after SINK_CAPACITY lines.
         let (sink, _unread) = Sink::channel();
         let job = Job {
             kind: Kind::Run,
             child: Child::Spawn {
-                spec: Spec {
-                    program: "/bin/sh".into(),
-                    args: vec!["-c".into(), "yes line".into()],
-                    cwd: std::env::temp_dir(),
-                    env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-                    max_output: 1 << 40,
-                    owns_dir: None,
-                    audit_id: Some(id),
-                },
+                spec: sh("yes line", 1 << 40, id),
                 stdin: String::new(),
             },
             fold: Lines(0),

@@ -683,3 +683,12 @@ pub async fn upload(s: &TestServer, token: &str, filename: &str, data: &[u8]) ->
 pub async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
     body(req.send().await.unwrap()).await
 }
+
+/// `POST /run` as `token` with `b`, answered as a stream: the response once its head arrived.
+pub async fn stream_run(s: &TestServer, token: &str, b: Value) -> reqwest::Response {
+    s.app(token, Method::POST, "/run")
+        .json(&b)
+        .send()
+        .await
+        .unwrap()
+}

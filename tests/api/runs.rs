@@ -350,12 +350,12 @@ async fn full_queue_and_queue_timeout_answer_429() {
 async fn streaming_forwards_lines_then_the_same_result() {
     let s = TestServer::start().await;
     let (_, t) = s.mint("app").await;
-    let res = s
-        .app(&t, Method::POST, "/run")
-        .json(&json!({"prompt": "@stub:result={\"x\":1}", "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let res = stream_run(
+        &s,
+        &t,
+        json!({"prompt": "@stub:result={\"x\":1}", "stream": true}),
+    )
+    .await;
     assert_eq!(res.status(), 200);
     assert!(res.headers()["content-type"]
         .to_str()
@@ -392,12 +392,7 @@ async fn streaming_forwards_lines_then_the_same_result() {
     assert_eq!(data["ok"], false);
 
     // Validation errors are plain JSON before any stream starts.
-    let res = s
-        .app(&t, Method::POST, "/run")
-        .json(&json!({"prompt": "", "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let res = stream_run(&s, &t, json!({"prompt": "", "stream": true})).await;
     assert!(res.headers()["content-type"]
         .to_str()
         .unwrap()
@@ -409,12 +404,7 @@ async fn streaming_forwards_lines_then_the_same_result() {
 async fn disconnecting_mid_stream_kills_the_run() {
     let s = TestServer::start().await;
     let (_, t) = s.mint("app").await;
-    let mut res = s
-        .app(&t, Method::POST, "/run")
-        .json(&json!({"prompt": "@stub:sleep=60", "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let mut res = stream_run(&s, &t, json!({"prompt": "@stub:sleep=60", "stream": true})).await;
     // The first event (system/init) proves the child runs.
     let first = res.chunk().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("event: claude"));
@@ -510,12 +500,7 @@ async fn runs_are_cancellable_by_id_by_their_owner_only() {
     let s = TestServer::start().await;
     let (_, t) = s.mint("app").await;
     let (_, other) = s.mint("other").await;
-    let res = s
-        .app(&t, Method::POST, "/run")
-        .json(&json!({"prompt": "@stub:hang", "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let res = stream_run(&s, &t, json!({"prompt": "@stub:hang", "stream": true})).await;
     let run_id = res.headers()["x-run-id"].to_str().unwrap().to_string();
     assert!(run_id.starts_with("run_"), "{run_id}");
     let record_dir = s.record_dir.clone();
@@ -589,12 +574,7 @@ async fn the_reported_cost_is_metered_on_every_ending() {
         "timed out"
     );
     // Cancelled after the result line.
-    let mut res = s
-        .app(&t, Method::POST, "/run")
-        .json(&json!({"prompt": held, "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let mut res = stream_run(&s, &t, json!({"prompt": held, "stream": true})).await;
     let run_id = res.headers()["x-run-id"].to_str().unwrap().to_string();
     read_until_result_line(&mut res).await;
     let (st, _) = cancel_run(&s, &t, &run_id).await;
@@ -607,12 +587,7 @@ async fn the_reported_cost_is_metered_on_every_ending() {
     );
     drop(res);
     // Abandoned after the result line was forwarded.
-    let mut res = s
-        .app(&t, Method::POST, "/run")
-        .json(&json!({"prompt": held, "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let mut res = stream_run(&s, &t, json!({"prompt": held, "stream": true})).await;
     read_until_result_line(&mut res).await;
     drop(res);
     let (outcome, detail, _, cost) = settled_run(&s).await;
@@ -633,12 +608,12 @@ async fn hanging_up_after_the_result_still_spends_the_budget() {
     let (_, t) = s
         .mint_with(json!({"name": "tiny", "budget_usd_per_day": 0.0001}))
         .await;
-    let mut res = s
-        .app(&t, Method::POST, "/run")
-        .json(&json!({"prompt": "@stub:cost=0.25\n@stub:grandchild=hold-stdout", "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let mut res = stream_run(
+        &s,
+        &t,
+        json!({"prompt": "@stub:cost=0.25\n@stub:grandchild=hold-stdout", "stream": true}),
+    )
+    .await;
     read_until_result_line(&mut res).await;
     drop(res);
     assert_eq!(settled_run(&s).await.0, "abandoned");
