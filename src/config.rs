@@ -144,6 +144,7 @@ impl PolicyFlags {
             default_model: self.default_model.map(Some),
             session_permissions: self.session_permissions.map(Some),
             expires_at: self.expires_at.map(Some),
+            allowed_tools: None,
         }
     }
 }

@@ -63,6 +63,7 @@ impl MakeRequestId for MakeId {
 /// The router with every route and layer.
 pub fn router(state: Arc<AppState>) -> Router {
     let json_limit = state.json_body_limit();
+    let image_limit = json_limit.saturating_add(crate::runner::invocation::IMAGES_BODY_ALLOWANCE);
     let trace = TraceLayer::new_for_http()
         .make_span_with(|req: &axum::http::Request<_>| {
             let id = req
@@ -95,7 +96,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/tokens/{id}/rotate", post(admin::rotate))
         .route("/admin/audit", get(admin::audit))
         .route("/admin/usage", get(admin::usage))
-        .route("/run", post(runs::run))
+        // Routes taking images: the JSON limit grows by what 8 images at their limit need.
+        .route(
+            "/run",
+            post(runs::run).layer(DefaultBodyLimit::max(image_limit)),
+        )
         .route("/sessions", get(sessions::list).post(sessions::create))
         .route("/sessions/{id}", get(sessions::get).delete(sessions::close))
         .route("/sessions/{id}/turn", post(sessions::turn))

@@ -17,6 +17,7 @@ use crate::app::AppState;
 use crate::error::ApiResult;
 use crate::http::extract::{ApiJson, AppCaller};
 use crate::http::{ok, params};
+use crate::runner::invocation::Tools;
 use crate::runner::{self, RunInput};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -28,6 +29,24 @@ pub struct RunBody {
     pub files: Option<Vec<String>>,
     pub timeout_secs: Option<u64>,
     pub stream: Option<bool>,
+    /// `"none"`, `"default"` or built-in tool names; none named: the token's
+    /// `allowed_tools` (else `"default"`).
+    #[schema(value_type = Option<Object>)]
+    pub tools: Option<Tools>,
+    /// A JSON Schema object: `result` is then the structured output (an object).
+    #[schema(value_type = Option<Object>)]
+    pub json_schema: Option<Value>,
+    /// At most 8 images, each at most 5 MiB decoded.
+    pub images: Option<Vec<ImageBody>>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageBody {
+    /// image/png, image/jpeg, image/gif or image/webp.
+    pub media_type: String,
+    /// The image's bytes in base64.
+    pub data: String,
 }
 
 pub async fn run(
@@ -36,12 +55,23 @@ pub async fn run(
     headers: HeaderMap,
     ApiJson(body): ApiJson<RunBody>,
 ) -> ApiResult<Response> {
+    let prompt = params::prompt(&state, body.prompt)?;
+    let json_schema = params::json_schema(&state, body.json_schema, prompt.len())?;
+    let images = body.images.unwrap_or_default();
     let input = RunInput {
-        prompt: params::prompt(&state, body.prompt)?,
         model: params::model(&state, &caller.token, body.model)?,
         system: params::system(body.system)?,
         files: params::files(body.files)?,
         timeout: params::timeout(&state, body.timeout_secs)?,
+        tools: params::tools(&caller.token, body.tools)?,
+        images: params::images(
+            images
+                .iter()
+                .map(|i| (i.media_type.as_str(), i.data.as_str())),
+        )?,
+        json_schema,
+        prompt,
+        kind: "run",
     };
     let streaming = params::wants_stream(body.stream, &headers);
     let prepared = runner::prepare(&state, &caller.token, input).await?;

@@ -4,10 +4,10 @@
 //! runs the CLI, optionally forwarding each stream-json line, and closes the audit row
 //! before the answer leaves.
 
+pub mod invocation;
 pub mod parse;
 pub mod warm;
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,15 +24,34 @@ use crate::error::ApiError;
 use crate::governance::{self, Admission};
 use crate::process::{child_env, Event, Proc, ProcError, Spec};
 use crate::util::new_id;
+use invocation::{Fixed, Image, Tools};
 
-/// A validated `/run` request.
+/// A validated `/run` request (or an SDK request mapped to one).
 #[derive(Debug, Clone)]
 pub struct RunInput {
     pub prompt: String,
     pub model: String,
+    /// `Some("")` replaces Claude Code's own system prompt with nothing.
     pub system: Option<String>,
     pub files: Vec<String>,
     pub timeout: Duration,
+    pub tools: Tools,
+    pub json_schema: Option<Value>,
+    pub images: Vec<Image>,
+    /// The audit kind: `run`, or `chat` for the SDK routes.
+    pub kind: &'static str,
+}
+
+impl RunInput {
+    /// What the process is fixed to at spawn, which is also the warm pool's key.
+    pub fn fixed(&self) -> Fixed {
+        Fixed {
+            model: self.model.clone(),
+            system: self.system.clone(),
+            tools: self.tools.clone(),
+            json_schema: self.json_schema.as_ref().map(Value::to_string),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -45,6 +64,10 @@ pub struct Usage {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RunAnswer {
     pub run_id: String,
+    /// The CLI's answer text as it came (the structured output's JSON text for a schema
+    /// run), for the SDK routes' message content.
+    #[serde(skip)]
+    pub text: String,
     /// The answer: JSON when it parses as JSON (a surrounding Markdown fence removed), else
     /// the CLI's text.
     pub result: Value,
@@ -170,11 +193,7 @@ pub async fn prepare(
 ) -> Result<Prepared, ApiError> {
     let admission = governance::admit(state, token, &input.model).await?;
     let token_id = token.id.as_str();
-    let key = warm::Key {
-        model: input.model.clone(),
-        system: input.system.clone(),
-    };
-    let (run_id, dir, warm) = match state.warm.take(&key) {
+    let (run_id, dir, warm) = match state.warm.take(&input.fixed()) {
         Some(w) => (w.run_id, w.dir, Some(w.proc)),
         None => {
             let run_id = new_id("run_");
@@ -188,7 +207,7 @@ pub async fn prepare(
         state,
         Start {
             token_id,
-            kind: "run",
+            kind: input.kind,
             model: &input.model,
             subject: &run_id,
             prompt: &input.prompt,
@@ -268,7 +287,7 @@ pub(crate) async fn stage_and_audit(
 pub(crate) async fn spawn_with_prompt(
     state: &AppState,
     spec: Spec,
-    prompt: String,
+    prompt: impl Into<Vec<u8>>,
     audit: &mut AuditGuard,
 ) -> Result<Proc, ApiError> {
     let program = spec.program.display().to_string();
@@ -288,42 +307,15 @@ pub(crate) async fn spawn_with_prompt(
             return Err(err);
         }
     };
+    let prompt: Vec<u8> = prompt.into();
     if let Some(mut stdin) = proc.stdin.take() {
         tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
-            let _ = stdin.write_all(prompt.as_bytes()).await;
+            let _ = stdin.write_all(&prompt).await;
             let _ = stdin.shutdown().await;
         });
     }
     Ok(proc)
-}
-
-/// The argv after the program: prompt on stdin, never here. `--flag=value` keeps a value
-/// that starts with `-` from being read as a flag.
-fn claude_args(input: &RunInput, streaming: bool) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["-p".into()];
-    if streaming {
-        args.extend([
-            "--output-format".into(),
-            "stream-json".into(),
-            "--verbose".into(),
-        ]);
-    } else {
-        args.extend(["--output-format".into(), "json".into()]);
-    }
-    args.extend(model_and_system_args(&input.model, input.system.as_deref()));
-    args
-}
-
-/// Flags shared by cold and warm runs. `--flag=value` keeps a value that starts with `-`
-/// from being read as a flag; one-shot runs need no resumable transcript on disk.
-pub fn model_and_system_args(model: &str, system: Option<&str>) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec![format!("--model={model}").into()];
-    if let Some(system) = system {
-        args.push(format!("--system-prompt={system}").into());
-    }
-    args.push("--no-session-persistence".into());
-    args
 }
 
 /// How a run ended, before it becomes an answer.
@@ -345,9 +337,15 @@ pub async fn execute(
 ) -> Result<RunAnswer, ApiError> {
     let started = Instant::now();
     let state = p.state.clone();
+    let (args, stdin) = invocation::cold(
+        &p.input.fixed(),
+        &p.prompt_text,
+        &p.input.images,
+        sink.is_some(),
+    );
     let spec = Spec {
         program: state.config.settings.claude_bin.clone(),
-        args: claude_args(&p.input, sink.is_some()),
+        args,
         cwd: p.dir.0.clone(),
         env: child_env(&state.config),
         max_output: state.config.settings.max_output_bytes,
@@ -358,19 +356,13 @@ pub async fn execute(
         Some(mut proc) => {
             // One stream-json user message; stdin stays open until the result line, then
             // closes, which ends the process.
-            let message = serde_json::json!({
-                "type": "user",
-                "message": {"role": "user", "content": std::mem::take(&mut p.prompt_text)},
-            });
-            if let Err(e) = proc.write_line(message.to_string().as_bytes()).await {
+            let message = invocation::user_message(&p.prompt_text, &p.input.images);
+            if let Err(e) = proc.write_line(&message).await {
                 tracing::warn!(error = %e, "a warm claude did not take its prompt");
             }
             proc
         }
-        None => {
-            let prompt = std::mem::take(&mut p.prompt_text);
-            spawn_with_prompt(&state, spec, prompt, &mut p.audit).await?
-        }
+        None => spawn_with_prompt(&state, spec, stdin, &mut p.audit).await?,
     };
     let deadline = tokio::time::sleep(p.input.timeout);
     tokio::pin!(deadline);
@@ -422,7 +414,8 @@ pub async fn execute(
     let now_secs = crate::util::now_ms() / 1000;
     let (outcome, judged, exit_code) = match end {
         End::Exited(code) => {
-            let j = parse::judge(result, code, &stderr, now_secs);
+            let j = parse::judge(result, code, &stderr, now_secs)
+                .and_then(|r| parse::structured(r, p.input.json_schema.is_some()));
             (
                 if j.is_ok() {
                     Outcome::Ok
@@ -479,9 +472,14 @@ pub async fn execute(
     // A failed run answers its own error, which says more than a failure to record it.
     let r = judged?;
     recorded?;
+    let text = r.text.clone().unwrap_or_default();
     Ok(RunAnswer {
         run_id: p.run_id.clone(),
-        result: parse::answer_value(r.text.as_deref().unwrap_or("")),
+        result: r
+            .structured_output
+            .clone()
+            .unwrap_or_else(|| parse::answer_value(&text)),
+        text,
         duration_ms,
         stop_reason: r.stop_reason.unwrap_or_else(|| "end_turn".into()),
         model: p.input.model.clone(),

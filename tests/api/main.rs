@@ -16,6 +16,7 @@ mod netns;
 mod ops;
 mod readme;
 mod real;
+mod run_tools;
 mod runs;
 mod sessions;
 mod sessions_real;
