@@ -29,6 +29,9 @@ if ! python3 -c 'import requests' >/dev/null 2>&1; then
   fi
 fi
 
+# The official openai and anthropic SDKs for tests/api/sdk.rs, pinned, in .venv-tests.
+scripts/install-sdk-tests.sh
+
 # Dockerfile, compose.yml, shell scripts, .env.example: a finding fails the run.
 scripts/lint-packaging.sh
 

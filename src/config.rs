@@ -422,6 +422,17 @@ pub struct Settings {
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub metrics_open: bool,
 
+    /// Models GET /v1/models lists for a token without allowed_models (comma-separated).
+    #[arg(
+        long,
+        global = true,
+        env = "CLAWDFORGE_MODELS",
+        value_name = "CLAWDFORGE_MODELS",
+        value_delimiter = ',',
+        default_value = "sonnet,opus,haiku"
+    )]
+    pub models: Vec<ModelName>,
+
     /// Pre-started claude processes kept idle for /run (0 = off).
     #[arg(
         long,

@@ -9,6 +9,7 @@
 //! - [`audit`]: the audit log;
 //! - [`process`]: supervised agent processes (env allowlist, process groups, kills);
 //! - [`runner`]: one-shot `claude -p` runs;
+//! - [`compat`]: the OpenAI and Anthropic wire formats of the SDK routes;
 //! - [`slots`]: admission control for agent processes;
 //! - [`governance`]: token policy, the usage ledger, and admission per token;
 //! - [`metrics`]: the Prometheus registry behind `/metrics`;
@@ -22,6 +23,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod compat;
 pub mod config;
 pub mod doctor;
 pub mod error;

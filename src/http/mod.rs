@@ -11,6 +11,7 @@ pub mod params;
 pub mod runs;
 pub mod sessions;
 pub mod usage;
+pub mod v1;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -101,6 +102,16 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/run",
             post(runs::run).layer(DefaultBodyLimit::max(image_limit)),
         )
+        .route(
+            "/v1/chat/completions",
+            post(v1::chat_completions).layer(DefaultBodyLimit::max(image_limit)),
+        )
+        .route(
+            "/v1/messages",
+            post(v1::messages).layer(DefaultBodyLimit::max(image_limit)),
+        )
+        .route("/v1/models", get(v1::list_models))
+        .route("/v1/models/{id}", get(v1::get_model))
         .route("/sessions", get(sessions::list).post(sessions::create))
         .route("/sessions/{id}", get(sessions::get).delete(sessions::close))
         .route("/sessions/{id}/turn", post(sessions::turn))

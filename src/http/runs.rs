@@ -121,12 +121,28 @@ where
     F: FnOnce(mpsc::Sender<Value>) -> Fut,
     Fut: std::future::Future<Output = T>,
 {
+    stream_mapped(out, |v| vec![sse(event, &v)], work).await
+}
+
+/// Like [`stream_with`], each line becoming the events `map` makes of it (none, one or
+/// more).
+pub async fn stream_mapped<T, F, Fut>(
+    out: &mpsc::Sender<Event>,
+    mut map: impl FnMut(Value) -> Vec<Event>,
+    work: F,
+) -> T
+where
+    F: FnOnce(mpsc::Sender<Value>) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
     let (tx, mut rx) = mpsc::channel::<Value>(64);
     let forward = async {
-        loop {
+        'lines: loop {
             tokio::select! {
                 v = rx.recv() => match v {
-                    Some(v) => if out.send(sse(event, &v)).await.is_err() { break },
+                    Some(v) => for e in map(v) {
+                        if out.send(e).await.is_err() { break 'lines }
+                    },
                     None => break,
                 },
                 _ = out.closed() => break,

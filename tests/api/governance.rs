@@ -901,6 +901,10 @@ const API_ROUTES: &[(&str, &str)] = &[
     ("get", "/usage"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
+    ("post", "/v1/chat/completions"),
+    ("post", "/v1/messages"),
+    ("get", "/v1/models"),
+    ("get", "/v1/models/{id}"),
 ];
 
 /// Every error code of `shared/API.md`'s status table and the text beside it.

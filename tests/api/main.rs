@@ -18,6 +18,7 @@ mod readme;
 mod real;
 mod run_tools;
 mod runs;
+mod sdk;
 mod sessions;
 mod sessions_real;
 mod warm;
