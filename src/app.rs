@@ -2,7 +2,6 @@
 //! background tasks) and the serve loop with graceful shutdown.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,15 +11,18 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::tokens;
 use crate::auth::AllowList;
 use crate::config::Config;
-use crate::governance::Governor;
+use crate::governance::{Admitter, Governor};
 use crate::http::extract::{admin_digest, LastUsed};
+use crate::http::serve::Limits;
 use crate::metrics::Metrics;
 use crate::probe::Probes;
 use crate::runner::warm::WarmPool;
-use crate::sessions::SessionManager;
+use crate::runner::Runner;
+use crate::sessions::Sessions;
 use crate::slots::Slots;
 use crate::store::Db;
-use crate::sweeper::Sweeper;
+use crate::supervise::Supervisor;
+use crate::sweeper::{Sweep, Sweeper};
 
 /// How often batched `last_used_at` stamps are written.
 const LAST_USED_FLUSH: Duration = Duration::from_secs(5);
@@ -43,15 +45,21 @@ pub struct AppState {
     pub admin_digest: Option<[u8; 32]>,
     /// Admission control for agent processes (runs and turns).
     pub slots: Slots,
-    /// What runs in which session now.
-    pub sessions: SessionManager,
-    /// Held by a sweep pass, so passes never overlap.
-    pub sweeping: tokio::sync::Mutex<()>,
+    /// Sessions and their turns.
+    pub sessions: Sessions,
+    /// One-shot runs.
+    pub runner: Runner,
+    /// A sweep pass's handles (`sweeper::sweep_once`).
+    pub sweep: Sweep,
     /// Pre-started claude processes for /run.
     pub warm: Arc<WarmPool>,
     /// Per-token admission (concurrency, rate) and the usage-limit block; see `governance`.
     pub governor: Governor,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
+    /// The one lifecycle of agent processes answering requests (runs, turns).
+    pub supervisor: Supervisor,
+    /// The gate every run and turn passes before it spawns.
+    pub admitter: Admitter,
 }
 
 impl AppState {
@@ -68,7 +76,7 @@ impl AppState {
     /// Called after a token is revoked (by the admin API) to stop what it owns: its
     /// sessions are closed (a running turn is stopped first).
     pub async fn on_token_revoked(&self, token_id: &str) {
-        match crate::sessions::close_all_of(self, token_id).await {
+        match crate::sessions::close_all_of(&self.sessions, token_id).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 token_id,
@@ -150,10 +158,43 @@ impl App {
             config.settings.max_queue as usize,
             Duration::from_secs(config.settings.queue_timeout_secs),
         );
+        let metrics = Arc::new(Metrics::new(slots.clone(), probes.clone()));
+        let governor = Governor::default();
+        let supervisor = Supervisor::new(
+            config.clone(),
+            db.clone(),
+            metrics.clone(),
+            governor.clone(),
+            shutdown.clone(),
+        );
+        let admitter = Admitter::new(db.clone(), governor.clone(), slots.clone());
+        let runner = Runner::new(
+            config.clone(),
+            warm.clone(),
+            admitter.clone(),
+            supervisor.clone(),
+        );
+        let sessions = Sessions::new(
+            config.clone(),
+            db.clone(),
+            admitter.clone(),
+            supervisor.clone(),
+        );
+        let sweep = Sweep::new(
+            config.clone(),
+            db.clone(),
+            sessions.clone(),
+            metrics.clone(),
+        );
         let state = Arc::new(AppState {
             warm,
-            metrics: Metrics::new(slots.clone(), probes.clone()),
-            governor: Governor::default(),
+            metrics,
+            governor,
+            supervisor,
+            admitter,
+            runner,
+            sessions,
+            sweep: sweep.clone(),
             allow_cidrs: AllowList(config.settings.allow_cidrs.clone()),
             trusted_proxies: AllowList(config.settings.trusted_proxies.clone()),
             admin_digest: config
@@ -168,13 +209,11 @@ impl App {
             started_at: Instant::now(),
             last_used: LastUsed::default(),
             shutdown,
-            sessions: SessionManager::default(),
-            sweeping: tokio::sync::Mutex::new(()),
         });
         spawn_last_used_flusher(state.clone());
         // The start-up pass runs before the server listens, so nothing races it.
-        crate::sweeper::sweep_once(&state).await;
-        let sweeper = Sweeper::start(state.clone()).await?;
+        crate::sweeper::sweep_once(&sweep).await;
+        let sweeper = Sweeper::start(sweep, state.shutdown.clone()).await?;
         Ok(App { state, sweeper })
     }
 
@@ -194,28 +233,31 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
-        let stop = state.shutdown.clone();
-        let app = self
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let router = self.router();
         let sweeper = self.sweeper;
-        let signalled = CancellationToken::new();
-        let signalled_tx = signalled.clone();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let settings = &state.config.settings;
+        let limits = Limits {
+            header_timeout: Duration::from_secs(settings.header_timeout_secs),
+            body_timeout: Duration::from_secs(settings.body_timeout_secs),
+            max_connections: settings.max_connections as usize,
+            allow_cidrs: state.allow_cidrs.clone(),
+            trusted_proxies: state.trusted_proxies.clone(),
+        };
+        let stop = state.shutdown.clone();
+        let signal = tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down");
-            signalled_tx.cancel();
             stop.cancel();
         });
-        let server = tokio::spawn(async move { server.await });
-        let mut server = server;
-        tokio::select! {
-            res = &mut server => { res??; }
-            _ = async { signalled.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
-                tracing::warn!("in-flight requests did not finish in time; closing anyway");
-                server.abort();
-            }
-        }
+        crate::http::serve::serve(
+            listener,
+            router,
+            limits,
+            state.shutdown.clone(),
+            SHUTDOWN_GRACE,
+        )
+        .await;
+        signal.abort();
         state.shutdown.cancel();
         sweeper.stop().await;
         state.warm.shutdown().await;

@@ -161,6 +161,17 @@ pub fn abandon_running(conn: &Connection) -> rusqlite::Result<usize> {
     )
 }
 
+/// The token that started run `run_id` (its row's subject), if the row is still kept.
+pub fn run_owner(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT token_id FROM audit WHERE kind = 'run' AND subject = ?1 ORDER BY id LIMIT 1",
+        [run_id],
+        |r| r.get::<_, Option<String>>(0),
+    )
+    .optional()
+    .map(Option::flatten)
+}
+
 /// Deletes rows older than `cutoff_ms`; returns how many.
 pub fn trim_before(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<usize> {
     conn.execute("DELETE FROM audit WHERE at < ?1", [cutoff_ms])
@@ -190,10 +201,18 @@ pub struct AuditRow {
     pub warm: Option<bool>,
 }
 
-/// Newest first, optionally for one token, strictly below row id `before`.
+/// Which rows a page shows: each field, when given, must match exactly.
+#[derive(Debug, Clone, Default)]
+pub struct PageFilter {
+    pub token_id: Option<String>,
+    pub kind: Option<String>,
+    pub outcome: Option<String>,
+}
+
+/// Newest first, filtered, strictly below row id `before`.
 pub fn page(
     conn: &Connection,
-    token_id: Option<&str>,
+    filter: &PageFilter,
     before: Option<i64>,
     limit: u32,
 ) -> rusqlite::Result<Vec<AuditRow>> {
@@ -203,9 +222,11 @@ pub fn page(
                 subject, detail, warm
          FROM audit
          WHERE (?1 IS NULL OR token_id = ?1) AND (?2 IS NULL OR id < ?2)
+           AND (?4 IS NULL OR kind = ?4) AND (?5 IS NULL OR outcome = ?5)
          ORDER BY id DESC LIMIT ?3",
     )?;
-    let rows = stmt.query_map(params![token_id, before, limit], |r| {
+    let args = params![filter.token_id, before, limit, filter.kind, filter.outcome];
+    let rows = stmt.query_map(args, |r| {
         Ok(AuditRow {
             id: r.get(0)?,
             at: r.get(1)?,

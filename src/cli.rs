@@ -22,7 +22,8 @@ pub fn tokens(config: &Config, cmd: TokensCommand) -> anyhow::Result<()> {
             policy,
             json,
         } => {
-            let name = crate::http::admin::parse_name(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let name =
+                crate::auth::tokens::parse_name(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut p = Policy::default();
             policy
                 .into_patch(cidrs)

@@ -433,6 +433,24 @@ pub struct Settings {
     )]
     pub models: Vec<ModelName>,
 
+    /// Serve the operator console at `/`.
+    #[arg(long, global = true, env = "CLAWDFORGE_CONSOLE",
+          value_name = "CLAWDFORGE_CONSOLE", default_value = "true",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub console: bool,
+
+    /// Origins (`scheme://host[:port]`, comma-separated) whose browser pages may call the
+    /// app routes (CORS); credentials are never allowed.
+    #[arg(
+        long,
+        global = true,
+        env = "CLAWDFORGE_CORS_ORIGINS",
+        value_name = "CLAWDFORGE_CORS_ORIGINS",
+        value_delimiter = ',',
+        value_parser = parse_origin
+    )]
+    pub cors_origins: Vec<String>,
+
     /// Pre-started claude processes kept idle for /run (0 = off).
     #[arg(
         long,
@@ -459,6 +477,25 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub probe_interval_secs: u64,
 
+    /// Seconds a connection may take to send a whole request head; also how long an idle
+    /// keep-alive connection is kept open waiting for its next request.
+    #[arg(long, global = true, env = "CLAWDFORGE_HEADER_TIMEOUT_SECS",
+          value_name = "CLAWDFORGE_HEADER_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_secs: u64,
+
+    /// Seconds a request body may stall (no byte) before the request ends with 408.
+    #[arg(long, global = true, env = "CLAWDFORGE_BODY_TIMEOUT_SECS",
+          value_name = "CLAWDFORGE_BODY_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_timeout_secs: u64,
+
+    /// Client connections served at once; beyond it new ones wait in the listen backlog.
+    #[arg(long, global = true, env = "CLAWDFORGE_MAX_CONNECTIONS",
+          value_name = "CLAWDFORGE_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
     /// Log format: text for people, json for collectors. Filter with RUST_LOG.
     #[arg(
         long,
@@ -469,6 +506,24 @@ pub struct Settings {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+}
+
+/// A browser origin as it appears in an `Origin` header: `http` or `https`, a host and an
+/// optional port, nothing after it (no path, not even a trailing `/`), lower case.
+fn parse_origin(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or("an origin starts with http:// or https://")?;
+    let host_ok = !rest.is_empty()
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+    if !host_ok {
+        return Err("an origin is scheme://host[:port], with no path".into());
+    }
+    Ok(s.to_ascii_lowercase())
 }
 
 /// The resolved configuration the server runs with. Built from [`Settings`]; tests build it
@@ -525,6 +580,25 @@ mod tests {
         assert!(err.to_string().contains("ALLOW_CIDRS"), "{err}");
         let err = Cli::try_parse_from(["clawdforge", "--listen", "nope"]).expect_err("must fail");
         assert!(err.to_string().contains("CLAWDFORGE_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn cors_origins_are_bare_origins() {
+        let cli = Cli::try_parse_from([
+            "clawdforge",
+            "--cors-origins",
+            "http://192.168.1.5:3000,https://Apps.lan",
+        ])
+        .expect("parses");
+        assert_eq!(
+            cli.settings.cors_origins,
+            ["http://192.168.1.5:3000", "https://apps.lan"]
+        );
+        for bad in ["apps.lan", "http://apps.lan/", "ftp://x", "http://"] {
+            let err =
+                Cli::try_parse_from(["clawdforge", "--cors-origins", bad]).expect_err("must fail");
+            assert!(err.to_string().contains("CLAWDFORGE_CORS_ORIGINS"), "{err}");
+        }
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub enum ApiError {
     OutputTooLarge,
     #[error("the request passed its timeout_secs and was stopped")]
     Timeout,
+    /// The request body delivered nothing for `CLAWDFORGE_BODY_TIMEOUT_SECS`.
+    #[error("the request body stalled for longer than the server waits (CLAWDFORGE_BODY_TIMEOUT_SECS); nothing was kept")]
+    BodyTimeout,
     #[error("the server is out of disk space")]
     InsufficientStorage,
     /// The work was stopped before it could answer (server shutting down).
@@ -57,6 +60,30 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// Every `code` an error answer can carry (see `ApiError::code`).
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    BudgetExhausted,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    Busy,
+    SessionClosed,
+    TooLarge,
+    Overloaded,
+    RateLimited,
+    UsageLimit,
+    UpstreamError,
+    OutputTooLarge,
+    Timeout,
+    InsufficientStorage,
+    Unavailable,
+    InternalError,
+}
+
 /// The error envelope, as sent.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
@@ -65,7 +92,7 @@ pub struct ErrorBody {
     /// A sentence for people; never internal details.
     pub error: String,
     /// What clients switch on.
-    #[schema(value_type = crate::http::openapi::ErrorCode)]
+    #[schema(value_type = ErrorCode)]
     pub code: &'static str,
 }
 
@@ -98,6 +125,7 @@ impl ApiError {
             | ApiError::UsageLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream(_) | ApiError::OutputTooLarge => StatusCode::BAD_GATEWAY,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -121,7 +149,7 @@ impl ApiError {
             ApiError::UsageLimit { .. } => "usage_limit",
             ApiError::Upstream(_) => "upstream_error",
             ApiError::OutputTooLarge => "output_too_large",
-            ApiError::Timeout => "timeout",
+            ApiError::Timeout | ApiError::BodyTimeout => "timeout",
             ApiError::InsufficientStorage => "insufficient_storage",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal_error",

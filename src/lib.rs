@@ -7,7 +7,8 @@
 //! - [`auth`]: app tokens, the admin bearer, CIDR allowlists;
 //! - [`store`]: SQLite, its writer task and migrations;
 //! - [`audit`]: the audit log;
-//! - [`process`]: supervised agent processes (env allowlist, process groups, kills);
+//! - [`process`]: agent processes (env allowlist, process groups, kills);
+//! - [`supervise`]: the one lifecycle of an agent process answering a request;
 //! - [`runner`]: one-shot `claude -p` runs;
 //! - [`compat`]: the OpenAI and Anthropic wire formats of the SDK routes;
 //! - [`slots`]: admission control for agent processes;
@@ -30,6 +31,8 @@ pub mod error;
 pub mod files;
 pub mod governance;
 pub mod http;
+#[cfg(test)]
+mod layering;
 pub mod metrics;
 pub mod probe;
 pub mod process;
@@ -37,6 +40,7 @@ pub mod runner;
 pub mod sessions;
 pub mod slots;
 pub mod store;
+pub mod supervise;
 pub mod sweeper;
 pub mod util;
 

@@ -14,8 +14,12 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use tokio_cron_scheduler::{Job, JobScheduler};
 
-use crate::app::AppState;
-use crate::sessions::{self, store};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::sessions::{self, store, Sessions};
+use crate::store::Db;
 use crate::store::StoreError;
 use crate::util::now_ms;
 
@@ -38,8 +42,8 @@ pub struct SweepReport {
 
 /// One pass. Passes never overlap (a slow one delays the next); a step that fails is
 /// logged and the others still run.
-pub async fn sweep_once(state: &AppState) -> SweepReport {
-    let _one_at_a_time = state.sweeping.lock().await;
+pub async fn sweep_once(state: &Sweep) -> SweepReport {
+    let _one_at_a_time = state.one_at_a_time.lock().await;
     let now = now_ms();
     let settings = &state.config.settings;
     let secs = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
@@ -113,7 +117,7 @@ fn counted(step: &str, r: Result<usize, impl std::fmt::Display>) -> usize {
 /// Open sessions whose last turn ended before `cutoff` and that run none now, and those
 /// of tokens revoked behind the server's back (`clawdforge tokens revoke` works on the
 /// database directly).
-async fn close_idle(state: &AppState, cutoff: i64) -> Result<usize, StoreError> {
+async fn close_idle(state: &Sweep, cutoff: i64) -> Result<usize, StoreError> {
     let idle = state
         .db
         .read(move |c| {
@@ -128,7 +132,7 @@ async fn close_idle(state: &AppState, cutoff: i64) -> Result<usize, StoreError> 
     let closes = idle
         .into_iter()
         .filter(|s| !state.sessions.busy(&s.session_id))
-        .map(|s| async move { sessions::close(state, &s, "idle").await.is_ok() });
+        .map(|s| async move { sessions::close(&state.sessions, &s, "idle").await.is_ok() });
     let closed = futures_util::stream::iter(closes)
         .buffer_unordered(CLOSE_PARALLEL)
         .filter(|ok| std::future::ready(*ok))
@@ -138,7 +142,7 @@ async fn close_idle(state: &AppState, cutoff: i64) -> Result<usize, StoreError> 
 }
 
 /// Sessions closed before `cutoff`: their row, acpx's record and Claude Code's transcript.
-async fn delete_closed(state: &AppState, cutoff: i64) -> Result<usize, StoreError> {
+async fn delete_closed(state: &Sweep, cutoff: i64) -> Result<usize, StoreError> {
     let old = state
         .db
         .read(move |c| store::select_where(c, "status = 'closed' AND closed_at < ?1", [cutoff]))
@@ -166,7 +170,7 @@ fn dir_names(dir: &Path) -> std::io::Result<Vec<(String, std::fs::Metadata)>> {
 }
 
 /// Run dirs no live process owns, older than the grace period.
-async fn remove_orphan_run_dirs(state: &AppState) -> Result<usize, StoreError> {
+async fn remove_orphan_run_dirs(state: &Sweep) -> Result<usize, StoreError> {
     let runs_dir = state.config.runs_dir.clone();
     let live: HashSet<String> = state
         .db
@@ -198,7 +202,7 @@ async fn remove_orphan_run_dirs(state: &AppState) -> Result<usize, StoreError> {
 /// The dirs are listed first, then the running work, then the open rows: a session being
 /// created holds its claim from before its dir exists until after its row does, so it is
 /// always seen in one of the two.
-async fn remove_orphan_session_dirs(state: &AppState) -> Result<usize, StoreError> {
+async fn remove_orphan_session_dirs(state: &Sweep) -> Result<usize, StoreError> {
     let sessions_dir = state.config.sessions_dir.clone();
     let names = dir_names(&sessions_dir)?;
     let active: HashSet<String> = state.sessions.active_ids().into_iter().collect();
@@ -223,6 +227,29 @@ async fn remove_orphan_session_dirs(state: &AppState) -> Result<usize, StoreErro
 }
 
 /// The scheduled sweeper; [`Sweeper::stop`] ends it.
+/// What a sweep pass touches, built once at start-up.
+#[derive(Clone)]
+pub struct Sweep {
+    config: Arc<Config>,
+    db: Db,
+    sessions: Sessions,
+    metrics: Arc<Metrics>,
+    /// Held by a pass, so passes never overlap.
+    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Sweep {
+    pub fn new(config: Arc<Config>, db: Db, sessions: Sessions, metrics: Arc<Metrics>) -> Sweep {
+        Sweep {
+            config,
+            db,
+            sessions,
+            metrics,
+            one_at_a_time: Arc::default(),
+        }
+    }
+}
+
 pub struct Sweeper {
     sched: JobScheduler,
 }
@@ -230,13 +257,14 @@ pub struct Sweeper {
 impl Sweeper {
     /// Starts the periodic job (the first run comes one interval after start-up, which
     /// runs its own pass).
-    pub async fn start(state: Arc<AppState>) -> anyhow::Result<Sweeper> {
+    pub async fn start(sweep: Sweep, shutdown: CancellationToken) -> anyhow::Result<Sweeper> {
+        let state = Arc::new(sweep);
         let every = Duration::from_secs(state.config.settings.sweep_interval_secs);
         let sched = JobScheduler::new().await?;
         let job = Job::new_repeated_async(every, move |_id, _sched| {
-            let state = state.clone();
+            let (state, shutdown) = (state.clone(), shutdown.clone());
             Box::pin(async move {
-                if !state.shutdown.is_cancelled() {
+                if !shutdown.is_cancelled() {
                     sweep_once(&state).await;
                 }
             })

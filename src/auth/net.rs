@@ -42,40 +42,60 @@ fn mapped_net_contains(net: &IpNetwork, ip: IpAddr) -> bool {
     }
 }
 
-/// The address the allowlists judge: see the module comment.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &AllowList) -> IpAddr {
+/// Why a trusted proxy's `X-Forwarded-For` could not be read. Such a request is refused:
+/// falling back to the proxy's own (often loopback) address would let any client behind it
+/// in by sending a header the parser rejects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardedError {
+    #[error("X-Forwarded-For is not ASCII")]
+    NotText,
+    #[error("X-Forwarded-For has an empty entry")]
+    Empty,
+    #[error("X-Forwarded-For entry {0:?} is not an IP address")]
+    Unparseable(String),
+}
+
+/// The address the allowlists judge: see the module comment. A trusted proxy's header that
+/// cannot be read up to the client's entry is an error, never the proxy's own address.
+pub fn client_ip(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted_proxies: &AllowList,
+) -> Result<IpAddr, ForwardedError> {
     let peer = canonical(peer);
     if trusted_proxies.is_empty() || !trusted_proxies.contains(peer) {
-        return peer;
+        return Ok(peer);
     }
     // Walk the chain right to left: each hop was appended by the proxy before it. The first
-    // entry not belonging to a trusted proxy is the client; unparseable entries end the walk
-    // (we cannot trust anything to their left), leaving the last trusted hop as the client.
+    // entry not belonging to a trusted proxy is the client. An entry that cannot be read
+    // before that point hides who the client is, so the request is refused.
     let mut client = peer;
     for value in headers.get_all("x-forwarded-for").iter().rev() {
-        let Ok(text) = value.to_str() else {
-            return client;
-        };
+        let text = value.to_str().map_err(|_| ForwardedError::NotText)?;
         for part in text.rsplit(',') {
-            let Some(ip) = parse_forwarded_ip(part.trim()) else {
-                return client;
-            };
-            let ip = canonical(ip);
+            let ip = canonical(parse_forwarded_ip(part.trim())?);
             if !trusted_proxies.contains(ip) {
-                return ip;
+                return Ok(ip);
             }
             client = ip;
         }
     }
-    client
+    Ok(client)
 }
 
-fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Some(ip);
+/// One entry: an address, optionally with a port (`1.2.3.4:80`, `[::1]:80`). Std's parser
+/// already refuses what is ambiguous: octets with leading zeros (`010.001.002.003`, which
+/// some parsers read as octal), zone ids (`fe80::1%eth0`), and names like `unknown`.
+fn parse_forwarded_ip(s: &str) -> Result<IpAddr, ForwardedError> {
+    if s.is_empty() {
+        return Err(ForwardedError::Empty);
     }
-    // "[::1]:1234" or "1.2.3.4:1234"
-    s.parse::<std::net::SocketAddr>().ok().map(|sa| sa.ip())
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    s.parse::<std::net::SocketAddr>()
+        .map(|sa| sa.ip())
+        .map_err(|_| ForwardedError::Unparseable(s.chars().take(64).collect()))
 }
 
 /// Whether `ip` may talk to the server at all: loopback always, else the global list.
@@ -118,22 +138,56 @@ mod tests {
         let peer: IpAddr = "127.0.0.1".parse().unwrap();
         assert_eq!(
             client_ip(peer, &h, &proxies),
-            "203.0.113.7".parse::<IpAddr>().unwrap()
+            Ok("203.0.113.7".parse::<IpAddr>().unwrap())
         );
         // Untrusted peer: the header is ignored.
         let peer: IpAddr = "192.168.1.5".parse().unwrap();
-        assert_eq!(client_ip(peer, &h, &proxies), peer);
+        assert_eq!(client_ip(peer, &h, &proxies), Ok(peer));
         // No proxies configured: a loopback peer's header is ignored too.
         let peer: IpAddr = "127.0.0.1".parse().unwrap();
-        assert_eq!(client_ip(peer, &h, &AllowList::default()), peer);
-        // Garbage in the chain stops the walk at the last trusted hop.
+        assert_eq!(client_ip(peer, &h, &AllowList::default()), Ok(peer));
+        // Garbage before the client's entry hides the client: refused.
         h.insert(
             "x-forwarded-for",
             HeaderValue::from_static("nonsense, 10.0.0.3"),
         );
+        assert!(client_ip(peer, &h, &proxies).is_err());
+        // Garbage left of the client's entry is the client's own business.
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("nonsense, 203.0.113.7"),
+        );
         assert_eq!(
             client_ip(peer, &h, &proxies),
-            "10.0.0.3".parse::<IpAddr>().unwrap()
+            Ok("203.0.113.7".parse::<IpAddr>().unwrap())
         );
+        // A proxy forwarding nothing is the client itself.
+        assert_eq!(client_ip(peer, &HeaderMap::new(), &proxies), Ok(peer));
+    }
+
+    #[test]
+    fn unreadable_forwarded_for_is_an_error_never_the_proxy() {
+        let proxies = list(&["127.0.0.1/32"]);
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        let bad: &[&[u8]] = &[
+            b"\xc3\xa9, 203.0.113.5",
+            b"203.0.113.5,",
+            b"",
+            b" ",
+            b"garbage",
+            b"unknown",
+            b"fe80::1%eth0",
+            b"010.001.002.003",
+            b"203.0.113.5, ,",
+        ];
+        for raw in bad {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", HeaderValue::from_bytes(raw).unwrap());
+            assert!(
+                client_ip(peer, &h, &proxies).is_err(),
+                "{:?} must be refused",
+                String::from_utf8_lossy(raw)
+            );
+        }
     }
 }

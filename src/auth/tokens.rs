@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 
 use crate::audit::{self, AuditEntry};
 use crate::config::SessionPermissions;
+use crate::error::ApiError;
 use crate::governance::policy::{Policy, PolicyPatch};
 use crate::util::{new_id, now_ms, random_base62, rfc3339};
 
@@ -261,6 +262,18 @@ pub fn touch_many(conn: &mut Connection, stamps: &[(String, i64)]) -> rusqlite::
 /// For printing tables: an RFC 3339 time or "-".
 pub fn show_time(ms: Option<i64>) -> String {
     ms.map(rfc3339).unwrap_or_else(|| "-".into())
+}
+
+/// A token's name as the admin API and `tokens mint` take it: trimmed, 1 to 200 printable
+/// characters.
+pub fn parse_name(name: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "name must be 1 to 200 printable characters",
+        ));
+    }
+    Ok(name.to_string())
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Admission of runs and turns: [`admit`] is the one gate between a parsed request and a
+//! Admission of runs and turns: [`Admitter::admit`] is the one gate between a parsed request and a
 //! spawned agent. In order (cheap and global first, each refusal before anything is
 //! counted against the token):
 //! 1. the subscription's usage limit, when the CLI reported one → 429 `usage_limit`;
@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::app::AppState;
 use crate::auth::tokens::TokenRecord;
 use crate::error::ApiError;
 use crate::governance::usage;
-use crate::slots::Slot;
+use crate::slots::{Slot, Slots};
+use crate::store::Db;
 use crate::util::now_ms;
 
 /// The window `rate_per_min` counts over.
@@ -178,61 +178,77 @@ pub struct Admission {
     _in_flight: InFlight,
 }
 
-/// The gate every run and turn passes before spawning; see the module comment for the
-/// order of checks and the budget's overspend bound. `model` is the model the work will
-/// use (the request's, else the token's `default_model`, else the server's).
-pub async fn admit(
-    state: &AppState,
-    token: &TokenRecord,
-    model: &str,
-) -> Result<Admission, ApiError> {
-    state.governor.check_blocked()?;
-    if !token.policy.allows_model(model) {
-        return Err(ApiError::Forbidden(format!(
-            "this token may not use model '{model}'"
-        )));
-    }
-    check_budget(state, token).await?;
-    let in_flight = state.governor.enter(
-        &token.id,
-        token.policy.max_concurrent,
-        token.policy.rate_per_min,
-    )?;
-    let slot = state.slots.acquire().await?;
-    // The wait in line may have been long: what was true before it may not be now.
-    state.governor.check_blocked()?;
-    check_budget(state, token).await?;
-    Ok(Admission {
-        _slot: slot,
-        _in_flight: in_flight,
-    })
+/// The gate every run and turn passes before spawning, with the handles it checks: the
+/// usage ledger (budgets), the governor (usage-limit block, per-token concurrency and
+/// rate) and the global slots.
+#[derive(Clone)]
+pub struct Admitter {
+    db: Db,
+    governor: Governor,
+    slots: Slots,
 }
 
-/// 402 when the token has spent its daily or monthly budget (UTC day and month).
-async fn check_budget(state: &AppState, token: &TokenRecord) -> Result<(), ApiError> {
-    let (per_day, per_month) = (
-        token.policy.budget_usd_per_day,
-        token.policy.budget_usd_per_month,
-    );
-    if per_day.is_none() && per_month.is_none() {
-        return Ok(());
+impl Admitter {
+    pub fn new(db: Db, governor: Governor, slots: Slots) -> Admitter {
+        Admitter {
+            db,
+            governor,
+            slots,
+        }
     }
-    let today = usage::day_of(now_ms());
-    let id = token.id.clone();
-    let (day, month) = state.db.read(move |c| usage::spent(c, &id, &today)).await?;
-    if let Some(budget) = per_day.filter(|b| day >= *b) {
-        return Err(ApiError::BudgetExhausted(format!(
-            "this token's daily budget of ${budget} is spent (${day:.6} today); it renews at \
-             00:00 UTC"
-        )));
+
+    /// See the module comment for the order of checks and the budget's overspend bound.
+    /// `model` is the model the work will use (the request's, else the token's
+    /// `default_model`, else the server's).
+    pub async fn admit(&self, token: &TokenRecord, model: &str) -> Result<Admission, ApiError> {
+        self.governor.check_blocked()?;
+        if !token.policy.allows_model(model) {
+            return Err(ApiError::Forbidden(format!(
+                "this token may not use model '{model}'"
+            )));
+        }
+        self.check_budget(token).await?;
+        let in_flight = self.governor.enter(
+            &token.id,
+            token.policy.max_concurrent,
+            token.policy.rate_per_min,
+        )?;
+        let slot = self.slots.acquire().await?;
+        // The wait in line may have been long: what was true before it may not be now.
+        self.governor.check_blocked()?;
+        self.check_budget(token).await?;
+        Ok(Admission {
+            _slot: slot,
+            _in_flight: in_flight,
+        })
     }
-    if let Some(budget) = per_month.filter(|b| month >= *b) {
-        return Err(ApiError::BudgetExhausted(format!(
-            "this token's monthly budget of ${budget} is spent (${month:.6} this month); it \
-             renews on the 1st, 00:00 UTC"
-        )));
+
+    /// 402 when the token has spent its daily or monthly budget (UTC day and month).
+    async fn check_budget(&self, token: &TokenRecord) -> Result<(), ApiError> {
+        let (per_day, per_month) = (
+            token.policy.budget_usd_per_day,
+            token.policy.budget_usd_per_month,
+        );
+        if per_day.is_none() && per_month.is_none() {
+            return Ok(());
+        }
+        let today = usage::day_of(now_ms());
+        let id = token.id.clone();
+        let (day, month) = self.db.read(move |c| usage::spent(c, &id, &today)).await?;
+        if let Some(budget) = per_day.filter(|b| day >= *b) {
+            return Err(ApiError::BudgetExhausted(format!(
+                "this token's daily budget of ${budget} is spent (${day:.6} today); it renews at \
+                 00:00 UTC"
+            )));
+        }
+        if let Some(budget) = per_month.filter(|b| month >= *b) {
+            return Err(ApiError::BudgetExhausted(format!(
+                "this token's monthly budget of ${budget} is spent (${month:.6} this month); it \
+                 renews on the 1st, 00:00 UTC"
+            )));
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]

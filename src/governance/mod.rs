@@ -1,11 +1,11 @@
 //! Governance (issue #7): what each app token may do and what it has used.
 //! - [`policy`]: the per-token limits and how mint and PATCH bodies set them;
 //! - [`usage`]: the daily usage ledger that runs and turns add to when they finish;
-//! - [`admit`]: the one check every run and turn passes before it may spawn (usage-limit
+//! - [`Admitter`]: the one check every run and turn passes before it may spawn (usage-limit
 //!   block, model, budget, per-token concurrency and rate, then a global slot).
 
 mod admit;
 pub mod policy;
 pub mod usage;
 
-pub use admit::{admit, Admission, Governor};
+pub use admit::{Admission, Admitter, Governor};

@@ -26,7 +26,7 @@ pub fn parse_mint(body: Value) -> ApiResult<(String, Policy)> {
         return Err(ApiError::bad_request("expected a JSON object"));
     };
     let name = match fields.remove("name") {
-        Some(Value::String(name)) => parse_name(&name)?,
+        Some(Value::String(name)) => tokens::parse_name(&name)?,
         Some(_) => return Err(ApiError::bad_request("name must be a string")),
         None => return Err(ApiError::bad_request("name is required")),
     };
@@ -40,16 +40,6 @@ pub fn parse_mint(body: Value) -> ApiResult<(String, Policy)> {
 fn parse_patch(body: Value) -> ApiResult<PolicyPatch> {
     serde_json::from_value(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
-}
-
-pub fn parse_name(name: &str) -> ApiResult<String> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
-            "name must be 1 to 200 printable characters",
-        ));
-    }
-    Ok(name.to_string())
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -155,6 +145,8 @@ pub async fn revoke(
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     pub token_id: Option<String>,
+    pub kind: Option<String>,
+    pub outcome: Option<String>,
     pub limit: Option<u32>,
     pub before: Option<i64>,
 }
@@ -178,9 +170,16 @@ pub async fn audit(
             "limit must be 1..{AUDIT_PAGE_MAX}"
         )));
     }
+    // An empty filter value (a cleared form field) means no filter.
+    let given = |v: Option<String>| v.filter(|v| !v.is_empty());
+    let filter = audit::PageFilter {
+        token_id: given(q.token_id),
+        kind: given(q.kind),
+        outcome: given(q.outcome),
+    };
     let rows = state
         .db
-        .read(move |c| audit::page(c, q.token_id.as_deref(), q.before, limit))
+        .read(move |c| audit::page(c, &filter, q.before, limit))
         .await?;
     // A full page may have more behind it; a short one is the end.
     let next_before = if rows.len() as u32 == limit {

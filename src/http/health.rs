@@ -22,8 +22,13 @@ pub struct Health {
 }
 
 pub async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    ok(health(&state))
+}
+
+/// What `/healthz` reports (also part of `/admin/status`).
+pub fn health(state: &AppState) -> Health {
     let snap = state.probes.snapshot();
-    ok(Health {
+    Health {
         version: env!("CARGO_PKG_VERSION"),
         claude_present: snap.claude_version.is_some(),
         claude_version: snap.claude_version,
@@ -31,5 +36,5 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         acpx_version: snap.acpx_version,
         uptime_secs: state.started_at.elapsed().as_secs(),
         warm_pool: state.warm.stats(),
-    })
+    }
 }

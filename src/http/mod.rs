@@ -2,13 +2,18 @@
 //! ids and request logging, and the envelope for answers axum would otherwise give itself.
 
 pub mod admin;
+pub mod conn;
+pub mod console;
+pub mod console_auth;
 pub mod extract;
 pub mod files;
 pub mod health;
 pub mod metrics;
 pub mod openapi;
+pub mod operator;
 pub mod params;
 pub mod runs;
+pub mod serve;
 pub mod sessions;
 pub mod usage;
 pub mod v1;
@@ -87,6 +92,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .on_failure(());
 
+    let console_sessions = console_auth::ConsoleSessions::default();
+    let console = if state.config.settings.console {
+        console::routes()
+    } else {
+        Router::new()
+    };
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/admin/tokens", post(admin::mint).get(admin::list))
@@ -97,11 +108,39 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/tokens/{id}/rotate", post(admin::rotate))
         .route("/admin/audit", get(admin::audit))
         .route("/admin/usage", get(admin::usage))
+        .route("/admin/status", get(operator::status))
+        .route("/admin/sessions", get(operator::sessions))
+        .route("/admin/sessions/{id}", delete(operator::close_session))
+        .merge(app_routes(&state.config.settings.cors_origins, image_limit))
+        .route("/metrics", get(metrics::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .merge(console)
+        .route_layer(middleware::from_fn(metrics::tag_route))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(json_limit))
+        .layer(axum::Extension(console_sessions))
+        .layer(middleware::from_fn_with_state(state.clone(), allowlist))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::count,
+        ))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(trace)
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeId))
+        .with_state(state)
+}
+
+/// The routes apps call with their tokens: the only ones browser pages from
+/// `CLAWDFORGE_CORS_ORIGINS` may reach (preflights answered, credentials never allowed).
+fn app_routes(cors_origins: &[String], image_limit: usize) -> Router<Arc<AppState>> {
+    let routes = Router::new()
         // Routes taking images: the JSON limit grows by what 8 images at their limit need.
         .route(
             "/run",
             post(runs::run).layer(DefaultBodyLimit::max(image_limit)),
         )
+        .route("/runs/{run_id}/cancel", post(runs::cancel))
         .route(
             "/v1/chat/completions",
             post(v1::chat_completions).layer(DefaultBodyLimit::max(image_limit)),
@@ -126,22 +165,39 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/files/{file_token}",
             get(files::show).delete(files::delete),
         )
-        .route("/usage", get(usage::usage))
-        .route("/metrics", get(metrics::metrics))
-        .route("/openapi.json", get(openapi::openapi_json))
-        .route_layer(middleware::from_fn(metrics::tag_route))
-        .fallback(not_found)
+        .route("/usage", get(usage::usage));
+    if cors_origins.is_empty() {
+        return routes;
+    }
+    // The 405 fallback is set before the layer, so a preflight (OPTIONS, which no route
+    // serves) reaches the CORS layer rather than the router's plain 405.
+    routes
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(json_limit))
-        .layer(middleware::from_fn_with_state(state.clone(), allowlist))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            metrics::count,
-        ))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
-        .layer(trace)
-        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeId))
-        .with_state(state)
+        .layer(cors(cors_origins))
+}
+
+/// tower-http's CORS layer for the listed origins. Bearer tokens travel in headers the
+/// page sets itself, so credentials (cookies) are never allowed.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, Method};
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("x-api-key"),
+            HeaderName::from_static("anthropic-version"),
+        ])
+        .expose_headers([REQUEST_ID.clone(), header::RETRY_AFTER])
+        .allow_credentials(false)
+        .max_age(Duration::from_secs(600))
 }
 
 async fn not_found() -> ApiError {
@@ -163,7 +219,16 @@ async fn allowlist(
         // Without a peer address nothing can be checked: refuse rather than guess.
         return ApiError::Forbidden("client address unknown".into()).into_response();
     };
-    let ip = client_ip(peer.ip(), req.headers(), &state.trusted_proxies);
+    let ip = match client_ip(peer.ip(), req.headers(), &state.trusted_proxies) {
+        Ok(ip) => ip,
+        Err(e) => {
+            tracing::warn!(proxy = %peer.ip(), error = %e, "refused: unreadable X-Forwarded-For from a trusted proxy");
+            return ApiError::Forbidden(
+                "the forwarded client address cannot be read; refusing rather than guessing".into(),
+            )
+            .into_response();
+        }
+    };
     if !ip_allowed(ip, &state.allow_cidrs) {
         return ApiError::Forbidden("your address is not allowed to use this server".into())
             .into_response();

@@ -7,48 +7,26 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::audit::AuditRow;
 use crate::auth::tokens::TokenRecord;
-use crate::error::ErrorBody;
+use crate::error::{ErrorBody, ErrorCode};
 use crate::files::FileRecord;
 use crate::governance::policy::{Policy, PolicyPatch};
 use crate::governance::usage::{LedgerRow, Totals};
 use crate::http::admin::{AuditPage, Minted, Revoked, TokenList, UsageReport};
+use crate::http::console::{ConsoleSession, SignInBody, SignedOut};
 use crate::http::files::UploadAnswer;
 use crate::http::health::Health;
-use crate::http::runs::RunBody;
+use crate::http::operator::{OwnedSession, OwnedSessionList, Status};
+use crate::http::runs::{RunBody, RunCancelled};
 use crate::http::sessions::{Cancelled, CreateBody, Created, SessionList, TurnBody};
 use crate::http::usage::{BudgetState, DayUsage, ModelUsage, MonthUsage, UsageSummary};
 use crate::runner::RunAnswer;
 use crate::sessions::store::SessionRecord;
 use crate::sessions::TurnAnswer;
-
-/// Every `code` an error answer can carry (see `ApiError::code`).
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    BadRequest,
-    Unauthorized,
-    BudgetExhausted,
-    Forbidden,
-    NotFound,
-    MethodNotAllowed,
-    Busy,
-    SessionClosed,
-    TooLarge,
-    Overloaded,
-    RateLimited,
-    UsageLimit,
-    UpstreamError,
-    OutputTooLarge,
-    Timeout,
-    InsufficientStorage,
-    Unavailable,
-    InternalError,
-}
 
 /// What every successful JSON answer has besides its own fields.
 #[derive(Debug, Serialize, ToSchema)]
@@ -130,7 +108,7 @@ pub struct TurnEvent {
 pub fn healthz() {}
 
 #[utoipa::path(post, path = "/run", tag = "runs", security(("app" = [])),
-    description = "A one-shot `claude -p`. With `\"stream\": true` or `Accept: text/event-stream`: SSE (`event: claude` per line, then `event: result` or `event: error`).",
+    description = "A one-shot `claude -p`. With `\"stream\": true` or `Accept: text/event-stream`: SSE (`event: claude` per line, then `event: result` or `event: error`). The answer's `X-Run-Id` header names the run (for `POST /runs/{run_id}/cancel`); a streamed answer sends it before the first event.",
     request_body = RunBody,
     responses(
         (status = 200, content((RunAnswer = "application/json"), (RunEvent = "text/event-stream"))),
@@ -201,6 +179,13 @@ pub fn close_session() {}
         (status = 502, body = ErrorBody), (status = 504, body = ErrorBody)))]
 pub fn turn() {}
 
+#[utoipa::path(post, path = "/runs/{run_id}/cancel", tag = "runs", security(("app" = [])),
+    params(("run_id" = String, Path, description = "From the run's `X-Run-Id` header")),
+    description = "Stops a running run of this token and answers once it has ended; the run itself answers 200 with `stop_reason: \"cancelled\"`. `cancelled: false`: the run already ended. Another token's run is 404, like an unknown one.",
+    responses((status = 200, body = RunCancelled), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub fn cancel_run() {}
+
 #[utoipa::path(post, path = "/sessions/{id}/cancel", tag = "sessions", security(("app" = [])),
     params(("id" = String, Path)),
     responses((status = 200, body = Cancelled), (status = 401, body = ErrorBody),
@@ -248,7 +233,9 @@ pub fn rotate_token() {}
 pub fn revoke_token() {}
 
 #[utoipa::path(get, path = "/admin/audit", tag = "admin", security(("admin" = [])),
-    params(("token_id" = Option<String>, Query), ("limit" = Option<u32>, Query, description = "1..500, default 100"),
+    params(("token_id" = Option<String>, Query), ("kind" = Option<String>, Query, description = "e.g. `run`, `turn`, `token_mint`"),
+        ("outcome" = Option<String>, Query, description = "`ok`, `error`, `timeout`, `cancelled`, `abandoned` or `running`"),
+        ("limit" = Option<u32>, Query, description = "1..500, default 100"),
         ("before" = Option<i64>, Query, description = "a row id")),
     responses((status = 200, body = AuditPage), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
@@ -261,6 +248,46 @@ pub fn audit() {}
     responses((status = 200, body = UsageReport), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub fn admin_usage() {}
+
+#[utoipa::path(get, path = "/admin/status", tag = "admin", security(("admin" = []), ("console" = [])),
+    description = "The doctor's checks (`ready`: none failed), what `/healthz` reports, and the admission figures. Spawns the CLIs' version and login probes.",
+    responses((status = 200, body = Status), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
+pub fn admin_status() {}
+
+#[utoipa::path(get, path = "/admin/sessions", tag = "admin", security(("admin" = []), ("console" = [])),
+    params(("status" = Option<String>, Query, description = "`open` or `closed`"),
+        ("token_id" = Option<String>, Query)),
+    description = "Every app's sessions, newest first, as `GET /sessions` shows them, with `token_id` and `token_name`.",
+    responses((status = 200, body = OwnedSessionList), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub fn admin_sessions() {}
+
+#[utoipa::path(delete, path = "/admin/sessions/{id}", tag = "admin", security(("admin" = []), ("console" = [])),
+    params(("id" = String, Path)),
+    description = "Closes any app's session as its owner's `DELETE` would (idempotent); audited as `session_close`.",
+    responses((status = 200, body = OwnedSession), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub fn admin_close_session() {}
+
+#[utoipa::path(post, path = "/console/sign-in", tag = "console",
+    request_body = SignInBody,
+    description = "Signs the operator in with ADMIN_BOOTSTRAP_TOKEN: sets the `cf_console` session cookie (HttpOnly, SameSite=Strict, 12 h; Secure behind a TLS trusted proxy) and answers the CSRF token to send as `X-CSRF-Token` on every state change. App tokens: 403. Five failures from one address within a minute: 429 for a minute. Only with CLAWDFORGE_CONSOLE=true.",
+    responses((status = 200, body = ConsoleSession), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 429, body = ErrorBody)))]
+pub fn console_sign_in() {}
+
+#[utoipa::path(get, path = "/console/session", tag = "console", security(("console" = [])),
+    description = "The console session named by the cookie, with its CSRF token.",
+    responses((status = 200, body = ConsoleSession), (status = 401, body = ErrorBody)))]
+pub fn console_session() {}
+
+#[utoipa::path(post, path = "/console/sign-out", tag = "console", security(("console" = [])),
+    description = "Ends the console session (needs `X-CSRF-Token`) and clears the cookie.",
+    responses((status = 200, body = SignedOut), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
+pub fn console_sign_out() {}
 
 #[utoipa::path(get, path = "/metrics", tag = "ops", security(("admin" = [])),
     description = "Prometheus metrics (OpenMetrics text). Needs the admin bearer unless CLAWDFORGE_METRICS_OPEN=true.",
@@ -308,7 +335,7 @@ pub fn get_model() {}
     responses((status = 200, body = Object), (status = 403, body = ErrorBody)))]
 pub fn openapi() {}
 
-/// The two bearer schemes: app tokens and the admin bootstrap token.
+/// The two bearer schemes (app tokens, the admin bootstrap token) and the console cookie.
 struct Bearers;
 
 impl Modify for Bearers {
@@ -328,16 +355,25 @@ impl Modify for Bearers {
                 ),
             );
         }
+        components.add_security_scheme(
+            "console",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                crate::http::console_auth::COOKIE,
+                "The operator console's session (POST /console/sign-in); a state change also needs its X-CSRF-Token header.",
+            ))),
+        );
     }
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "clawdforge", description = "A LAN appliance that brokers access to coding agents over HTTP. Every JSON answer is an envelope with `ok`; errors carry `error` and a stable `code`."),
-    paths(healthz, run, upload_file, get_file, delete_file, create_session, list_sessions,
+    paths(healthz, run, cancel_run, upload_file, get_file, delete_file, create_session, list_sessions,
           get_session, close_session, turn, cancel_turn, usage, mint_token, list_tokens,
-          patch_token, rotate_token, revoke_token, audit, admin_usage, metrics, openapi,
-          chat_completions, messages, list_models, get_model),
+          patch_token, rotate_token, revoke_token, audit, admin_usage, admin_status,
+          admin_sessions, admin_close_session, console_sign_in, console_session,
+          console_sign_out, metrics, openapi, chat_completions, messages, list_models,
+          get_model),
     components(schemas(ErrorBody, ErrorCode, Envelope, Empty, Policy, PolicyPatch, Totals,
                        LedgerRow, AuditRow, DayUsage, MonthUsage, ModelUsage, BudgetState)),
     modifiers(&Bearers)

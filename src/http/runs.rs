@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
@@ -14,11 +14,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
-use crate::error::ApiResult;
-use crate::http::extract::{ApiJson, AppCaller};
+use crate::error::{ApiError, ApiResult};
+use crate::http::extract::{ApiJson, ApiPath, AppCaller};
 use crate::http::{ok, params};
 use crate::runner::invocation::Tools;
 use crate::runner::{self, RunInput};
+use crate::supervise::{self, Sink, SINK_CAPACITY, STALL_GRACE};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +50,10 @@ pub struct ImageBody {
     pub data: String,
 }
 
+/// The header naming a run's id, so a streaming client can cancel it before its answer
+/// ends (`POST /runs/{run_id}/cancel`).
+pub const RUN_ID_HEADER: &str = "x-run-id";
+
 pub async fn run(
     caller: AppCaller,
     State(state): State<Arc<AppState>>,
@@ -74,30 +79,53 @@ pub async fn run(
         kind: "run",
     };
     let streaming = params::wants_stream(body.stream, &headers);
-    let prepared = runner::prepare(&state, &caller.token, input).await?;
-    if !streaming {
-        // Not spawned: if the client hangs up, this future is dropped and the run's guards
-        // kill the process group, remove the dir and mark the audit row abandoned.
-        let answer = runner::execute(prepared, None, CancellationToken::new()).await?;
-        return Ok(ok(answer).into_response());
+    let prepared = state.runner.prepare(&caller.token, input).await?;
+    let run_id = HeaderValue::from_str(&prepared.run_id).ok();
+    let mut res = if streaming {
+        stream_answer("claude", move |sink| {
+            runner::execute(prepared, Some(sink), CancellationToken::new())
+        })
+    } else {
+        let answer = supervise::detached(move |gone| runner::execute(prepared, None, gone)).await?;
+        ok(answer).into_response()
+    };
+    if let Some(id) = run_id {
+        res.headers_mut().insert(RUN_ID_HEADER, id);
     }
-    Ok(stream_answer("claude", move |tx| {
-        runner::execute(prepared, Some(tx), CancellationToken::new())
-    }))
+    Ok(res)
 }
 
-/// Answers as SSE: one `event: <event>` per JSON line `work` sends, then `event: result`
-/// carrying what the JSON answer would have been, or `event: error` with the error
-/// envelope.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RunCancelled {
+    /// Whether the run was still running (it then answers `stop_reason: "cancelled"`).
+    pub cancelled: bool,
+}
+
+/// `POST /runs/{run_id}/cancel`: answers once the run has ended. Another token's run, or
+/// an unknown id, is 404; a run of this token that already ended answers `false`.
+pub async fn cancel(
+    caller: AppCaller,
+    State(state): State<Arc<AppState>>,
+    ApiPath(run_id): ApiPath<String>,
+) -> ApiResult<impl IntoResponse> {
+    let cancelled = state.runner.cancel(&run_id, &caller.token.id).await?;
+    Ok(ok(RunCancelled { cancelled }))
+}
+
+/// Answers as SSE: one `event: <event>` per JSON line `work` sends into its sink, then
+/// `event: result` carrying what the JSON answer would have been, or `event: error` with
+/// the error envelope. The work runs on its own task; a client that hangs up, or stops
+/// reading for longer than `STALL_GRACE`, ends the forwarding, which closes the sink and
+/// tells the work to stop.
 pub fn stream_answer<T, F, Fut>(event: &'static str, work: F) -> Response
 where
     T: Serialize + Send + 'static,
-    F: FnOnce(mpsc::Sender<Value>) -> Fut + Send + 'static,
+    F: FnOnce(Sink) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ApiResult<T>> + Send + 'static,
 {
-    let (out_tx, out_rx) = mpsc::channel::<Event>(64);
+    let (out_tx, out_rx) = mpsc::channel::<Event>(SINK_CAPACITY);
     tokio::spawn(async move {
-        let result = stream_with(&out_tx, event, work).await;
+        let result = forward_lines(&out_tx, |v| vec![sse(event, &v)], work).await;
         let last = match result {
             Ok(answer) => sse(
                 "result",
@@ -108,51 +136,47 @@ where
                 &serde_json::to_value(e.body()).unwrap_or(Value::Null),
             ),
         };
-        let _ = out_tx.send(last).await;
+        let _ = tokio::time::timeout(STALL_GRACE, out_tx.send(last)).await;
     });
     sse_response(out_rx).into_response()
 }
 
-/// Runs `work` with a sink of JSON lines, forwarding each as an SSE event named `event`.
-/// When the client goes away (the SSE body is dropped), the sink closes, which is how
-/// `work` learns to stop its process.
-pub async fn stream_with<T, F, Fut>(out: &mpsc::Sender<Event>, event: &'static str, work: F) -> T
-where
-    F: FnOnce(mpsc::Sender<Value>) -> Fut,
-    Fut: std::future::Future<Output = T>,
-{
-    stream_mapped(out, |v| vec![sse(event, &v)], work).await
-}
-
-/// Like [`stream_with`], each line becoming the events `map` makes of it (none, one or
-/// more).
-pub async fn stream_mapped<T, F, Fut>(
+/// Runs `work` on its own task with a sink of JSON lines, sending the events `map` makes
+/// of each line (none, one or more) to `out`, and returns the work's result. A client that
+/// hangs up, or stops reading for longer than `STALL_GRACE`, ends the forwarding, which
+/// closes the sink and tells the work to stop.
+pub async fn forward_lines<T, F, Fut>(
     out: &mpsc::Sender<Event>,
     mut map: impl FnMut(Value) -> Vec<Event>,
     work: F,
-) -> T
+) -> ApiResult<T>
 where
-    F: FnOnce(mpsc::Sender<Value>) -> Fut,
-    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+    F: FnOnce(Sink) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ApiResult<T>> + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::channel::<Value>(64);
-    let forward = async {
-        'lines: loop {
-            tokio::select! {
-                v = rx.recv() => match v {
-                    Some(v) => for e in map(v) {
-                        if out.send(e).await.is_err() { break 'lines }
-                    },
-                    None => break,
+    let (sink, mut lines) = Sink::channel();
+    let work = tokio::spawn(work(sink));
+    'lines: loop {
+        tokio::select! {
+            v = lines.recv() => match v {
+                Some(v) => for e in map(v) {
+                    let sent = tokio::time::timeout(STALL_GRACE, out.send(e));
+                    if !matches!(sent.await, Ok(Ok(()))) {
+                        break 'lines;
+                    }
                 },
-                _ = out.closed() => break,
-            }
+                None => break,
+            },
+            _ = out.closed() => break,
         }
-        // Dropping the receiver closes the sink `work` holds.
-        drop(rx);
-    };
-    let (result, ()) = tokio::join!(work(tx), forward);
-    result
+    }
+    // Dropping the receiver closes the sink the work holds.
+    drop(lines);
+    match work.await {
+        Ok(result) => result,
+        Err(e) => Err(ApiError::internal(format!("work task failed: {e}"))),
+    }
 }
 
 pub fn sse(event: &str, data: &Value) -> Event {

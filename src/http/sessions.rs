@@ -54,7 +54,7 @@ pub async fn create(
         model: params::model(&state, &caller.token, body.model)?,
         system: params::system(body.system)?,
     };
-    let s = sessions::create(&state, &caller.token, input).await?;
+    let s = sessions::create(&state.sessions, &caller.token, input).await?;
     Ok((
         StatusCode::CREATED,
         ok(Created {
@@ -88,7 +88,7 @@ pub async fn list(
         Some(s @ ("open" | "closed")) => Some(s.to_string()),
         Some(_) => return Err(ApiError::bad_request("status must be open or closed")),
     };
-    let sessions = sessions::list(&state, &caller.token.id, status).await?;
+    let sessions = sessions::list(&state.sessions, &caller.token.id, status).await?;
     Ok(ok(SessionList { sessions }))
 }
 
@@ -97,7 +97,9 @@ pub async fn get(
     State(state): State<Arc<AppState>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(ok(sessions::get(&state, &caller.token.id, &id).await?))
+    Ok(ok(
+        sessions::get(&state.sessions, &caller.token.id, &id).await?
+    ))
 }
 
 pub async fn close(
@@ -105,7 +107,12 @@ pub async fn close(
     State(state): State<Arc<AppState>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(ok(sessions::close_for(&state, &caller.token.id, &id).await?))
+    Ok(ok(sessions::close_for(
+        &state.sessions,
+        &caller.token.id,
+        &id,
+    )
+    .await?))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -119,7 +126,7 @@ pub async fn cancel(
     State(state): State<Arc<AppState>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let cancelled = sessions::cancel(&state, &caller.token.id, &id).await?;
+    let cancelled = sessions::cancel(&state.sessions, &caller.token.id, &id).await?;
     Ok(ok(Cancelled { cancelled }))
 }
 
@@ -145,10 +152,10 @@ pub async fn turn(
         timeout: params::timeout(&state, body.timeout_secs)?,
     };
     let streaming = params::wants_stream(body.stream, &headers);
-    let prepared = sessions::prepare_turn(&state, &caller.token, &id, input).await?;
+    let prepared = sessions::prepare_turn(&state.sessions, &caller.token, &id, input).await?;
     if streaming {
-        return Ok(stream_answer("acp", move |tx| {
-            sessions::execute_turn(prepared, Some(tx), Default::default())
+        return Ok(stream_answer("acp", move |sink| {
+            sessions::execute_turn(prepared, Some(sink), Default::default())
         }));
     }
     Ok(ok(sessions::run_turn(prepared).await?).into_response())

@@ -24,9 +24,10 @@ use crate::compat::{
 use crate::error::ApiError;
 use crate::http::extract::{sdk_caller, AppCaller};
 use crate::http::params;
-use crate::http::runs::{sse_response, stream_mapped};
+use crate::http::runs::{forward_lines, sse_response};
 use crate::runner::invocation::{text_delta, Tools};
 use crate::runner::{self, RunAnswer, RunInput};
+use crate::supervise::{self, SINK_CAPACITY, STALL_GRACE};
 
 /// Which API's shapes an answer takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,11 +139,11 @@ async fn serve(
     let input = run_input(state, caller, &mut chat)?;
     // The answer names the model as the request did (an SDK may compare them).
     let model = chat.model.clone();
-    let prepared = runner::prepare(state, &caller.token, input).await?;
+    let prepared = state.runner.prepare(&caller.token, input).await?;
     if !chat.stream {
         // Not spawned: a client hanging up drops this future, and the run's guards stop
         // the process, remove the dir and mark the audit row abandoned.
-        let answer = runner::execute(prepared, None, CancellationToken::new()).await?;
+        let answer = supervise::detached(move |gone| runner::execute(prepared, None, gone)).await?;
         let body = match flavor {
             Flavor::OpenAi => openai::completion(&answer, &model, compat::unix_now()),
             Flavor::Anthropic => anthropic::message(&answer, &model),
@@ -153,7 +154,7 @@ async fn serve(
         Flavor::OpenAi => Box::new(openai::Stream::new(&chat, &prepared.run_id, &model)),
         Flavor::Anthropic => Box::new(anthropic::Stream::new(&chat, &prepared.run_id, &model)),
     };
-    let (out_tx, out_rx) = mpsc::channel::<Event>(64);
+    let (out_tx, out_rx) = mpsc::channel::<Event>(SINK_CAPACITY);
     tokio::spawn(stream(prepared, format, out_tx));
     Ok(sse_response(out_rx).into_response())
 }
@@ -178,13 +179,13 @@ async fn stream(
             return;
         }
     }
-    let result: Result<RunAnswer, ApiError> = stream_mapped(
+    let result: Result<RunAnswer, ApiError> = forward_lines(
         &out,
         |line: Value| match text_delta(&line) {
             Some(t) => format.delta(t).into_iter().map(event).collect(),
             None => Vec::new(),
         },
-        |tx| runner::execute(prepared, Some(tx), CancellationToken::new()),
+        |sink| runner::execute(prepared, Some(sink), CancellationToken::new()),
     )
     .await;
     let last = match result {
@@ -192,7 +193,8 @@ async fn stream(
         Err(e) => format.error(&e),
     };
     for f in last {
-        if out.send(event(f)).await.is_err() {
+        let sent = tokio::time::timeout(STALL_GRACE, out.send(event(f)));
+        if !matches!(sent.await, Ok(Ok(()))) {
             return;
         }
     }

@@ -238,12 +238,12 @@ pub fn cold(
     prompt: &str,
     images: &[Image],
     streaming: bool,
-) -> (Vec<OsString>, Vec<u8>) {
+) -> (Vec<OsString>, String) {
     let mut args: Vec<OsString> = vec!["-p".into()];
     let stdin = if !images.is_empty() {
         args.extend(STREAM_IO.iter().map(OsString::from));
         let mut line = user_message(prompt, images);
-        line.push(b'\n');
+        line.push('\n');
         line
     } else {
         if streaming {
@@ -251,7 +251,7 @@ pub fn cold(
         } else {
             args.extend(["--output-format".into(), "json".into()]);
         }
-        prompt.as_bytes().to_vec()
+        prompt.to_string()
     };
     args.extend(fixed.args());
     (args, stdin)
@@ -259,7 +259,7 @@ pub fn cold(
 
 /// One stream-json user message (no trailing newline): the images as blocks, then the
 /// prompt as text; without images the content is the plain string.
-pub fn user_message(prompt: &str, images: &[Image]) -> Vec<u8> {
+pub fn user_message(prompt: &str, images: &[Image]) -> String {
     let content = if images.is_empty() {
         Value::String(prompt.to_string())
     } else {
@@ -267,9 +267,7 @@ pub fn user_message(prompt: &str, images: &[Image]) -> Vec<u8> {
         blocks.push(json!({"type": "text", "text": prompt}));
         Value::Array(blocks)
     };
-    json!({"type": "user", "message": {"role": "user", "content": content}})
-        .to_string()
-        .into_bytes()
+    json!({"type": "user", "message": {"role": "user", "content": content}}).to_string()
 }
 
 /// The text piece of a `stream_event` line that carries a token delta, if it is one.
@@ -329,7 +327,7 @@ mod tests {
                 "--no-session-persistence"
             ]
         );
-        assert_eq!(stdin, b"hi");
+        assert_eq!(stdin, "hi");
         let only = Tools::Only(vec![
             ToolName::try_from("Read".to_string()).unwrap(),
             ToolName::try_from("Grep".to_string()).unwrap(),
@@ -350,8 +348,8 @@ mod tests {
         let img = Image::parse("image/png", &b64(PNG)).unwrap();
         let (args, stdin) = cold(&fixed(Tools::NONE, None), "what is this?", &[img], false);
         assert!(args.iter().any(|a| a == "--input-format"));
-        assert_eq!(stdin.last(), Some(&b'\n'));
-        let v: Value = serde_json::from_slice(&stdin).unwrap();
+        assert!(stdin.ends_with('\n'));
+        let v: Value = serde_json::from_str(&stdin).unwrap();
         assert_eq!(
             v["message"]["content"][0]["source"]["media_type"],
             "image/png"

@@ -1,6 +1,6 @@
 //! One-shot runs: `claude -p` in a fresh staged working dir, supervised from spawn to exit.
-//! [`prepare`] does everything that can fail before an answer starts (admission through
-//! `governance::admit`, dir, files, audit row), so those failures are plain JSON even for streaming requests; [`execute`]
+//! [`Runner::prepare`] does everything that can fail before an answer starts (admission
+//! through `governance::Admitter`, dir, files, audit row), so those failures are plain JSON even for streaming requests; [`execute`]
 //! runs the CLI, optionally forwarding each stream-json line, and closes the audit row
 //! before the answer leaves.
 
@@ -10,21 +10,24 @@ pub mod warm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::AppState;
-use crate::audit::{self, AuditEntry, Completion, Outcome};
+use crate::audit::{self, Outcome};
 use crate::auth::tokens::TokenRecord;
+use crate::config::Config;
 use crate::error::ApiError;
-use crate::governance::{self, Admission};
-use crate::process::{child_env, Event, Proc, ProcError, Spec};
+use crate::governance::{Admission, Admitter};
+use crate::process::{child_env, Proc, Spec};
+use crate::supervise::{
+    AuditGuard, Child, Fold, Job, Kind, Metered, Registration, Running, Sink, Start, Supervisor,
+};
 use crate::util::new_id;
 use invocation::{Fixed, Image, Tools};
+use warm::WarmPool;
 
 /// A validated `/run` request (or an SDK request mapped to one).
 #[derive(Debug, Clone)]
@@ -78,89 +81,6 @@ pub struct RunAnswer {
     pub cost_usd: f64,
 }
 
-/// Closes an audit row as `abandoned` if the run (or turn) is dropped before it finished
-/// (the client hung up and the handler future was dropped).
-pub(crate) struct AuditGuard {
-    state: Arc<AppState>,
-    pub(crate) id: i64,
-    done: bool,
-}
-
-/// How often, and how many times, a row that could not be closed is tried again.
-const CLOSE_RETRY_EVERY: Duration = Duration::from_secs(1);
-const CLOSE_RETRIES: u32 = 300;
-
-impl AuditGuard {
-    pub(crate) fn new(state: Arc<AppState>, id: i64) -> AuditGuard {
-        AuditGuard {
-            state,
-            id,
-            done: false,
-        }
-    }
-
-    /// Closes the row. The answer must not leave as if recorded when it was not (a full
-    /// disk): then the error comes back for the caller to answer instead, and the row is
-    /// closed in the background once the database takes writes again; should that not
-    /// happen before a restart, start-up marks it abandoned.
-    pub(crate) async fn complete(&mut self, c: Completion) -> Result<(), ApiError> {
-        self.done = true;
-        let id = self.id;
-        let first = c.clone();
-        let Err(e) = self
-            .state
-            .db
-            .write(move |conn| audit::complete(conn, id, &first))
-            .await
-        else {
-            return Ok(());
-        };
-        tracing::error!(error = %e, "could not close an audit row; retrying in the background");
-        let err = ApiError::from(e);
-        let mut later = c;
-        if later.outcome == Some(Outcome::Ok) {
-            // The work was done (and paid for) but its answer never left.
-            later.outcome = Some(Outcome::Error);
-            later.detail = Some(err.code().into());
-        }
-        let (db, shutdown) = (self.state.db.clone(), self.state.shutdown.clone());
-        tokio::spawn(async move {
-            for _ in 0..CLOSE_RETRIES {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(CLOSE_RETRY_EVERY) => {}
-                }
-                let c = later.clone();
-                if db
-                    .write(move |conn| audit::complete(conn, id, &c))
-                    .await
-                    .is_ok()
-                {
-                    return;
-                }
-            }
-        });
-        Err(err)
-    }
-}
-
-impl Drop for AuditGuard {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let (db, id) = (self.state.db.clone(), self.id);
-        tokio::spawn(async move {
-            let c = Completion {
-                outcome: Some(Outcome::Abandoned),
-                detail: Some("client went away".into()),
-                ..Default::default()
-            };
-            let _ = db.write(move |conn| audit::complete(conn, id, &c)).await;
-        });
-    }
-}
-
 /// Removes a run dir however the run ends.
 struct DirGuard(PathBuf);
 
@@ -170,10 +90,20 @@ impl Drop for DirGuard {
     }
 }
 
+/// Runs `claude -p` for `/run`, with the handles that takes: built once at start-up.
+#[derive(Clone)]
+pub struct Runner {
+    config: Arc<Config>,
+    warm: Arc<WarmPool>,
+    admitter: Admitter,
+    supervisor: Supervisor,
+    runs: Running,
+}
+
 /// A run ready to start: it holds its admission (slot and the token's in-flight count), dir
 /// and open audit row.
 pub struct Prepared {
-    state: Arc<AppState>,
+    runner: Runner,
     pub run_id: String,
     input: RunInput,
     prompt_text: String,
@@ -181,17 +111,63 @@ pub struct Prepared {
     audit: AuditGuard,
     /// A pre-started process from the warm pool, if one matched.
     warm: Option<Proc>,
+    /// Makes the run cancellable by id while it is in flight.
+    registration: Registration,
     _admission: Admission,
 }
 
-/// Admits the run under the token's policy (waiting in line for a slot), makes the run dir,
-/// stages the files, opens the audit row.
-pub async fn prepare(
-    state: &Arc<AppState>,
+impl Runner {
+    pub fn new(
+        config: Arc<Config>,
+        warm: Arc<WarmPool>,
+        admitter: Admitter,
+        supervisor: Supervisor,
+    ) -> Runner {
+        Runner {
+            config,
+            warm,
+            admitter,
+            supervisor,
+            runs: Running::default(),
+        }
+    }
+
+    /// Admits the run under the token's policy (waiting in line for a slot), makes the run
+    /// dir, stages the files, opens the audit row.
+    pub async fn prepare(
+        &self,
+        token: &TokenRecord,
+        input: RunInput,
+    ) -> Result<Prepared, ApiError> {
+        prepare(self, token, input).await
+    }
+
+    /// Cancels `token_id`'s run `run_id` and waits until it has ended: `true`; `false` when
+    /// that run of this token has already ended; `not_found` for an unknown run or another
+    /// token's.
+    pub async fn cancel(&self, run_id: &str, token_id: &str) -> Result<bool, ApiError> {
+        if self.runs.cancel(run_id, token_id).await {
+            return Ok(true);
+        }
+        let id = run_id.to_string();
+        let owner = self
+            .supervisor
+            .db()
+            .read(move |c| audit::run_owner(c, &id))
+            .await?;
+        match owner {
+            Some(owner) if owner == token_id => Ok(false),
+            _ => Err(ApiError::not_found("run")),
+        }
+    }
+}
+
+async fn prepare(
+    state: &Runner,
     token: &TokenRecord,
     input: RunInput,
 ) -> Result<Prepared, ApiError> {
-    let admission = governance::admit(state, token, &input.model).await?;
+    let admission = state.admitter.admit(token, &input.model).await?;
     let token_id = token.id.as_str();
     let (run_id, dir, warm) = match state.warm.take(&input.fixed()) {
         Some(w) => (w.run_id, w.dir, Some(w.proc)),
@@ -203,9 +179,9 @@ pub async fn prepare(
         }
     };
     let dir = DirGuard(dir);
-    let (prompt_text, audit) = stage_and_audit(
-        state,
-        Start {
+    let (prompt_text, audit) = state
+        .supervisor
+        .stage_and_audit(Start {
             token_id,
             kind: input.kind,
             model: &input.model,
@@ -214,274 +190,141 @@ pub async fn prepare(
             files: &input.files,
             dir: &dir.0,
             warm: Some(warm.is_some()),
-        },
-    )
-    .await?;
+        })
+        .await?;
+    let registration = state.runs.register(&run_id, token_id);
     Ok(Prepared {
-        state: state.clone(),
+        runner: state.clone(),
         run_id,
         input,
         prompt_text,
         dir,
         audit,
         warm,
+        registration,
         _admission: admission,
     })
 }
 
-/// What a run or turn records and stages before its agent starts.
-pub(crate) struct Start<'a> {
-    pub token_id: &'a str,
-    /// The audit kind: `run` or `turn`.
-    pub kind: &'a str,
-    pub model: &'a str,
-    /// The run or session id.
-    pub subject: &'a str,
-    pub prompt: &'a str,
-    pub files: &'a [String],
-    pub dir: &'a std::path::Path,
-    /// Whether a pre-started process serves it (runs only).
-    pub warm: Option<bool>,
+/// What a run's `claude` printed, folded as it arrives: the `result` object decides the
+/// answer; with a streaming client every JSON line is forwarded.
+struct ClaudeFold {
+    streaming: bool,
+    /// A `json_schema` run: its answer must be the structured output.
+    schema: bool,
+    result: Option<parse::CliResult>,
 }
 
-/// Copies the attached files into the working dir, builds the text the agent gets (the
-/// prompt, then a line naming the attachments) and opens the audit row as `running`.
-pub(crate) async fn stage_and_audit(
-    state: &Arc<AppState>,
-    w: Start<'_>,
-) -> Result<(String, AuditGuard), ApiError> {
-    let names = crate::files::stage_into(
-        &state.db,
-        &state.config.uploads_dir,
-        w.token_id,
-        w.files,
-        w.dir,
-    )
-    .await?;
-    let prompt_text = match crate::files::attachment_line(&names) {
-        Some(line) => format!("{}\n\n{line}", w.prompt),
-        None => w.prompt.to_string(),
-    };
-    let entry = AuditEntry {
-        token_id: Some(w.token_id.to_string()),
-        kind: w.kind.into(),
-        model: Some(w.model.to_string()),
-        prompt: state
-            .config
-            .settings
-            .audit_prompts
-            .then(|| w.prompt.to_string()),
-        prompt_chars: Some(w.prompt.chars().count() as i64),
-        outcome: Some(Outcome::Running),
-        subject: Some(w.subject.to_string()),
-        warm: w.warm,
-        ..Default::default()
-    };
-    let audit_id = state.db.write(move |c| audit::insert(c, &entry)).await?;
-    Ok((prompt_text, AuditGuard::new(state.clone(), audit_id)))
-}
-
-/// Starts the agent and feeds it `prompt` on stdin, concurrently with the caller's
-/// reading, so a child that talks before it reads cannot deadlock against us. A failure
-/// to start closes the audit row.
-pub(crate) async fn spawn_with_prompt(
-    state: &AppState,
-    spec: Spec,
-    prompt: impl Into<Vec<u8>>,
-    audit: &mut AuditGuard,
-) -> Result<Proc, ApiError> {
-    let program = spec.program.display().to_string();
-    let mut proc = match Proc::spawn(spec, Some(&state.db)).await {
-        Ok(proc) => proc,
-        Err(e) => {
-            tracing::error!(error = %e, %program, "could not start the agent");
-            let err = ApiError::Upstream("the agent could not be started".into());
-            // The failure to start says more than a failure to record it.
-            let _ = audit
-                .complete(Completion {
-                    outcome: Some(Outcome::Error),
-                    detail: Some(err.code().into()),
-                    ..Default::default()
-                })
-                .await;
-            return Err(err);
+impl Fold for ClaudeFold {
+    fn line(&mut self, line: &[u8]) -> Option<Value> {
+        let v: Value = serde_json::from_slice(line).ok()?;
+        if let Some(r) = parse::result_of(&v) {
+            self.result = Some(r);
         }
-    };
-    let prompt: Vec<u8> = prompt.into();
-    if let Some(mut stdin) = proc.stdin.take() {
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            let _ = stdin.write_all(&prompt).await;
-            let _ = stdin.shutdown().await;
-        });
+        self.streaming.then_some(v)
     }
-    Ok(proc)
+
+    fn answered(&self) -> bool {
+        self.result.is_some()
+    }
+
+    fn judge(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError> {
+        let now_secs = crate::util::now_ms() / 1000;
+        parse::judge(self.result.clone(), exit_code, stderr, now_secs)
+            .and_then(|r| parse::structured(r, self.schema))
+            .map(|_| Outcome::Ok)
+    }
+
+    fn metered(&self) -> Metered {
+        let r = self.result.as_ref();
+        Metered {
+            input_tokens: r.and_then(|r| r.input_tokens),
+            output_tokens: r.and_then(|r| r.output_tokens),
+            cost_usd: r.and_then(|r| r.cost_usd),
+            response_chars: r
+                .filter(|r| !r.is_error)
+                .and_then(|r| r.text.as_ref())
+                .map(|t| t.chars().count() as i64),
+        }
+    }
 }
 
-/// How a run ended, before it becomes an answer.
-enum End {
-    Exited(Option<i32>),
-    Timeout,
-    Cancelled(&'static str),
-    ClientGone,
-    TooLarge,
-}
-
-/// Runs the CLI. With `sink`, every stdout line that is JSON is forwarded as it arrives
-/// (the caller turns them into `event: claude`); a closed sink means the client is gone and
-/// the run is stopped.
+/// Runs the CLI under the shared supervision path. With `sink`, every stdout line that is
+/// JSON is forwarded as it arrives (the caller turns them into `event: claude`); a closed
+/// sink or a cancelled `gone` means the client is gone and the run is stopped.
 pub async fn execute(
     mut p: Prepared,
-    sink: Option<mpsc::Sender<Value>>,
-    cancel: CancellationToken,
+    sink: Option<Sink>,
+    gone: CancellationToken,
 ) -> Result<RunAnswer, ApiError> {
-    let started = Instant::now();
-    let state = p.state.clone();
-    let (args, stdin) = invocation::cold(
-        &p.input.fixed(),
-        &p.prompt_text,
-        &p.input.images,
-        sink.is_some(),
-    );
-    let spec = Spec {
-        program: state.config.settings.claude_bin.clone(),
-        args,
-        cwd: p.dir.0.clone(),
-        env: child_env(&state.config),
-        max_output: state.config.settings.max_output_bytes,
-        owns_dir: Some(p.dir.0.clone()),
-        audit_id: Some(p.audit.id),
-    };
-    let mut proc = match p.warm.take() {
+    let state = p.runner.clone();
+    let prompt = std::mem::take(&mut p.prompt_text);
+    let child = match p.warm.take() {
         Some(mut proc) => {
             // One stream-json user message; stdin stays open until the result line, then
             // closes, which ends the process.
-            let message = invocation::user_message(&p.prompt_text, &p.input.images);
-            if let Err(e) = proc.write_line(&message).await {
+            let message = invocation::user_message(&prompt, &p.input.images);
+            if let Err(e) = proc.write_line(message.as_bytes()).await {
                 tracing::warn!(error = %e, "a warm claude did not take its prompt");
             }
-            proc
+            Child::Started(Box::new(proc))
         }
-        None => spawn_with_prompt(&state, spec, stdin, &mut p.audit).await?,
-    };
-    let deadline = tokio::time::sleep(p.input.timeout);
-    tokio::pin!(deadline);
-    let shutdown = state.shutdown.clone();
-    let mut result: Option<parse::CliResult> = None;
-    let end = loop {
-        let closed = async {
-            match &sink {
-                Some(s) => s.closed().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            ev = proc.next_event() => match ev {
-                Ok(Event::Line(line)) => {
-                    if let Some(r) = parse::parse_result_line(&line) {
-                        result = Some(r);
-                        // A warm process answers one message; closing stdin ends it.
-                        proc.stdin = None;
-                    }
-                    if let Some(sink) = &sink {
-                        if let Ok(v) = serde_json::from_slice::<Value>(&line) {
-                            if sink.send(v).await.is_err() {
-                                break End::ClientGone;
-                            }
-                        }
-                    }
-                }
-                Ok(Event::Exited(status)) => break End::Exited(status.code()),
-                Err(ProcError::OutputTooLarge) => break End::TooLarge,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading claude's output failed");
-                    break End::Exited(None);
-                }
-            },
-            _ = &mut deadline => break End::Timeout,
-            _ = cancel.cancelled() => break End::Cancelled("cancelled"),
-            _ = shutdown.cancelled() => break End::Cancelled("server shutting down"),
-            _ = closed => break End::ClientGone,
-        }
-    };
-    if !matches!(end, End::Exited(_)) {
-        proc.terminate().await;
-    }
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let stderr = proc.stderr_tail();
-    drop(proc);
-
-    let now_secs = crate::util::now_ms() / 1000;
-    let (outcome, judged, exit_code) = match end {
-        End::Exited(code) => {
-            let j = parse::judge(result, code, &stderr, now_secs)
-                .and_then(|r| parse::structured(r, p.input.json_schema.is_some()));
-            (
-                if j.is_ok() {
-                    Outcome::Ok
-                } else {
-                    Outcome::Error
+        None => {
+            let (args, stdin) =
+                invocation::cold(&p.input.fixed(), &prompt, &p.input.images, sink.is_some());
+            Child::Spawn {
+                spec: Spec {
+                    program: state.config.settings.claude_bin.clone(),
+                    args,
+                    cwd: p.dir.0.clone(),
+                    env: child_env(&state.config),
+                    max_output: state.config.settings.max_output_bytes,
+                    owns_dir: Some(p.dir.0.clone()),
+                    audit_id: Some(p.audit.id),
                 },
-                j,
-                code,
-            )
+                stdin,
+            }
         }
-        End::Timeout => (Outcome::Timeout, Err(ApiError::Timeout), None),
-        End::Cancelled(why) => (
-            Outcome::Cancelled,
-            Err(ApiError::Unavailable(why.into())),
-            None,
-        ),
-        End::ClientGone => (
-            Outcome::Abandoned,
-            Err(ApiError::Unavailable("client went away".into())),
-            None,
-        ),
-        End::TooLarge => (Outcome::Error, Err(ApiError::OutputTooLarge), None),
     };
-    let completion = match &judged {
-        Ok(r) => Completion {
-            outcome: Some(outcome),
-            response_chars: r.text.as_ref().map(|t| t.chars().count() as i64),
-            duration_ms: Some(duration_ms as i64),
-            exit_code: exit_code.map(i64::from),
-            input_tokens: r.input_tokens,
-            output_tokens: r.output_tokens,
-            cost_usd: r.cost_usd,
-            detail: None,
+    let job = Job {
+        kind: Kind::Run,
+        child,
+        fold: ClaudeFold {
+            streaming: sink.is_some(),
+            schema: p.input.json_schema.is_some(),
+            result: None,
         },
-        Err(e) => Completion {
-            outcome: Some(outcome),
-            duration_ms: Some(duration_ms as i64),
-            exit_code: exit_code.map(i64::from),
-            detail: Some(e.code().into()),
-            ..Default::default()
-        },
+        timeout: p.input.timeout,
+        stop: p.registration.stop.clone(),
+        gone,
+        sink,
     };
-    let recorded = p.audit.complete(completion).await;
-    state
-        .metrics
-        .observe_run(outcome.as_str(), started.elapsed());
-    if let Err(e) = &judged {
-        state.governor.note(e);
-    }
-    if matches!(&judged, Err(ApiError::Upstream(m)) if m.contains("/login")) {
+    let ended = state.supervisor.supervise(job, &mut p.audit).await;
+    if matches!(&ended.result, Err(ApiError::Upstream(m)) if m.contains("/login")) {
         // The login went away: warm processes started under it would fail the same way.
         state.warm.invalidate();
     }
-    // A failed run answers its own error, which says more than a failure to record it.
-    let r = judged?;
-    recorded?;
-    let text = r.text.clone().unwrap_or_default();
+    ended.result?;
+    let r = ended.fold.result.unwrap_or_else(parse::CliResult::empty);
+    // Judged already: a schema run that got here has its structured output.
+    let r = parse::structured(r.clone(), p.input.json_schema.is_some()).unwrap_or(r);
+    let (text, stop_reason) = match ended.outcome {
+        Outcome::Cancelled => (String::new(), "cancelled".to_string()),
+        _ => (
+            r.text.clone().unwrap_or_default(),
+            r.stop_reason.clone().unwrap_or_else(|| "end_turn".into()),
+        ),
+    };
+    let result = match (&r.structured_output, ended.outcome) {
+        (Some(out), Outcome::Ok) => out.clone(),
+        _ => parse::answer_value(&text),
+    };
     Ok(RunAnswer {
         run_id: p.run_id.clone(),
-        result: r
-            .structured_output
-            .clone()
-            .unwrap_or_else(|| parse::answer_value(&text)),
+        result,
         text,
-        duration_ms,
-        stop_reason: r.stop_reason.unwrap_or_else(|| "end_turn".into()),
+        duration_ms: ended.duration_ms,
+        stop_reason,
         model: p.input.model.clone(),
         usage: Usage {
             input_tokens: r.input_tokens.unwrap_or(0),

@@ -21,9 +21,30 @@ pub struct CliResult {
     pub structured_output: Option<Value>,
 }
 
+impl CliResult {
+    /// No result at all (the work ended before the CLI printed one).
+    pub fn empty() -> CliResult {
+        CliResult {
+            is_error: false,
+            text: None,
+            subtype: None,
+            stop_reason: None,
+            cost_usd: None,
+            input_tokens: None,
+            output_tokens: None,
+            errors: Vec::new(),
+            structured_output: None,
+        }
+    }
+}
+
 /// Parses one output line as a `{"type":"result",...}` object; `None` for anything else.
 pub fn parse_result_line(line: &[u8]) -> Option<CliResult> {
-    let v: Value = serde_json::from_slice(line).ok()?;
+    result_of(&serde_json::from_slice(line).ok()?)
+}
+
+/// The line, already parsed, as a `{"type":"result",...}` object; `None` for anything else.
+pub fn result_of(v: &Value) -> Option<CliResult> {
     if v.get("type")?.as_str()? != "result" {
         return None;
     }

@@ -20,9 +20,9 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::app::AppState;
 use crate::config::{Config, SessionPermissions};
 use crate::process::{child_env, Event, Proc, ProcError, Spec, KILL_GRACE};
+use crate::store::Db;
 
 /// Where a session lives for acpx: sessions are keyed by (agent, cwd, name).
 #[derive(Debug, Clone)]
@@ -183,13 +183,14 @@ pub enum ControlError {
 
 /// Runs a short acpx command to completion (bounded by `limit`), collecting its JSON lines.
 pub async fn control(
-    state: &AppState,
+    config: &Config,
+    db: &Db,
     target: &Target,
     args: Vec<OsString>,
     limit: Duration,
 ) -> Result<Output, ControlError> {
-    let spec = target.spec(&state.config, args, None);
-    let mut proc = Proc::spawn(spec, Some(&state.db)).await?;
+    let spec = target.spec(config, args, None);
+    let mut proc = Proc::spawn(spec, Some(db)).await?;
     proc.feed_and_close(b"").await;
     let mut lines = Vec::new();
     let read = async {

@@ -14,14 +14,17 @@ mod turn;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
-use crate::app::AppState;
+use crate::config::Config;
 use crate::error::ApiError;
+use crate::governance::Admitter;
+use crate::store::Db;
+use crate::supervise::Supervisor;
+pub use crate::supervise::{StopWhy, Stopper};
 use crate::util::{new_id, now_ms};
 use acpx::Target;
 use store::SessionRecord;
@@ -35,39 +38,6 @@ const CLOSE_LIMIT: Duration = Duration::from_secs(30);
 /// How long a cancel or close waits for the running turn to wind down. A turn stops
 /// within a few seconds however it is stopped; this only bounds a wedged one.
 const STOP_WAIT: Duration = Duration::from_secs(20);
-
-/// Why a running turn is stopped from outside.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopWhy {
-    /// `POST /sessions/{id}/cancel`: the turn answers 200 `stop_reason: "cancelled"`.
-    Cancel,
-    /// The session is being closed (DELETE, idle TTL, token revoked): 409 `session_closed`.
-    Close,
-}
-
-/// A request to stop, set at most once.
-#[derive(Clone, Default)]
-pub struct Stopper {
-    token: CancellationToken,
-    why: Arc<OnceLock<StopWhy>>,
-}
-
-impl Stopper {
-    pub fn stop(&self, why: StopWhy) {
-        let _ = self.why.set(why);
-        self.token.cancel();
-    }
-
-    /// Resolves once `stop` was called, with its reason.
-    pub async fn stopped(&self) -> StopWhy {
-        self.token.cancelled().await;
-        self.why.get().copied().unwrap_or(StopWhy::Cancel)
-    }
-
-    pub fn is_stopped(&self) -> bool {
-        self.token.is_cancelled()
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -202,9 +172,45 @@ pub struct CreateInput {
     pub system: Option<String>,
 }
 
-impl AppState {
+/// Sessions and their turns, with the handles they take: built once at start-up.
+#[derive(Clone)]
+pub struct Sessions {
+    config: Arc<Config>,
+    db: Db,
+    /// What runs in which session now.
+    active: SessionManager,
+    admitter: Admitter,
+    supervisor: Supervisor,
+}
+
+impl Sessions {
+    pub fn new(
+        config: Arc<Config>,
+        db: Db,
+        admitter: Admitter,
+        supervisor: Supervisor,
+    ) -> Sessions {
+        Sessions {
+            config,
+            db,
+            active: SessionManager::default(),
+            admitter,
+            supervisor,
+        }
+    }
+
     fn home(&self) -> Option<PathBuf> {
         acpx::children_home(&self.config)
+    }
+
+    /// Whether a turn is running in `id`.
+    pub fn busy(&self, id: &str) -> bool {
+        self.active.busy(id)
+    }
+
+    /// Ids with anything running (turn, close, creation).
+    pub fn active_ids(&self) -> Vec<String> {
+        self.active.active_ids()
     }
 }
 
@@ -219,7 +225,7 @@ fn target(s: &SessionRecord) -> Target {
 /// Creates a session: its own working dir, `acpx sessions ensure` there (which starts the
 /// agent once, so it takes a slot), and its row.
 pub async fn create(
-    state: &AppState,
+    state: &Sessions,
     token: &crate::auth::tokens::TokenRecord,
     input: CreateInput,
 ) -> Result<SessionRecord, ApiError> {
@@ -233,11 +239,11 @@ pub async fn create(
     let id = new_id("ses_");
     // Held until the row exists, so the sweeper never takes the new dir for an orphan.
     let _claim = state
-        .sessions
+        .active
         .claim(&id, Kind::Creating)
         .map_err(|_| ApiError::internal("a new session id is already in use"))?;
     // The token's policy (model, budget, concurrency, rate) applies to starting the agent.
-    let _admission = crate::governance::admit(state, token, &input.model).await?;
+    let _admission = state.admitter.admit(token, &input.model).await?;
     let dir = state.config.sessions_dir.join(&id);
     tokio::fs::create_dir_all(&dir).await?;
     // acpx keys sessions by absolute cwd; a relative ACPX_SESSIONS_CWD must not leak in.
@@ -248,7 +254,8 @@ pub async fn create(
         name: id.clone(),
     };
     let ensured = acpx::control(
-        state,
+        &state.config,
+        &state.db,
         &t,
         t.ensure_args(&input.model, input.system.as_deref()),
         ENSURE_LIMIT,
@@ -295,7 +302,7 @@ pub async fn create(
     if let Err(e) = state.db.write(move |c| store::insert(c, &row)).await {
         // A session without a row (a full disk) is nobody's: acpx closes it, and its queue
         // owner, records and dir go now rather than linger.
-        let _ = acpx::control(state, &t, t.close_args(), CLOSE_LIMIT).await;
+        let _ = acpx::control(&state.config, &state.db, &t, t.close_args(), CLOSE_LIMIT).await;
         let record_id = record.acpx_record_id.as_deref();
         if let (Some(home), Some(record_id)) = (state.home(), record_id) {
             acpx::stop_queue_owner(&home, record_id).await;
@@ -308,20 +315,20 @@ pub async fn create(
 }
 
 /// The caller's session (another token's is `not_found`, like a missing one), with `busy`.
-pub async fn get(state: &AppState, token_id: &str, id: &str) -> Result<SessionRecord, ApiError> {
+pub async fn get(state: &Sessions, token_id: &str, id: &str) -> Result<SessionRecord, ApiError> {
     let (token_id, id) = (token_id.to_string(), id.to_string());
     let mut s = state
         .db
         .read(move |c| store::get_for(c, &token_id, &id))
         .await?
         .ok_or_else(|| ApiError::not_found("session"))?;
-    s.busy = state.sessions.busy(&s.session_id);
+    s.busy = state.active.busy(&s.session_id);
     Ok(s)
 }
 
 /// The caller's sessions, newest first, with `busy`.
 pub async fn list(
-    state: &AppState,
+    state: &Sessions,
     token_id: &str,
     status: Option<String>,
 ) -> Result<Vec<SessionRecord>, ApiError> {
@@ -331,20 +338,49 @@ pub async fn list(
         .read(move |c| store::list_for(c, &token_id, status.as_deref()))
         .await?;
     for s in &mut sessions {
-        s.busy = state.sessions.busy(&s.session_id);
+        s.busy = state.active.busy(&s.session_id);
     }
     Ok(sessions)
 }
 
+/// Every token's sessions (for the operator), newest first, with `busy`.
+pub async fn list_all(
+    state: &Sessions,
+    token_id: Option<String>,
+    status: Option<String>,
+) -> Result<Vec<SessionRecord>, ApiError> {
+    let mut sessions = state
+        .db
+        .read(move |c| store::list_all(c, token_id.as_deref(), status.as_deref()))
+        .await?;
+    for s in &mut sessions {
+        s.busy = state.active.busy(&s.session_id);
+    }
+    Ok(sessions)
+}
+
+/// Soft-closes any token's session for the operator, as its owner's close would; returns
+/// it as it is now (with `busy`) and whether it was open before.
+pub async fn close_any(state: &Sessions, id: &str) -> Result<(SessionRecord, bool), ApiError> {
+    let lookup = id.to_string();
+    let s = state
+        .db
+        .read(move |c| store::get(c, &lookup))
+        .await?
+        .ok_or_else(|| ApiError::not_found("session"))?;
+    close(state, &s, "admin").await?;
+    Ok((get(state, &s.token_id, id).await?, s.status == "open"))
+}
+
 /// Cancels the caller's running turn; whether there was one.
-pub async fn cancel(state: &AppState, token_id: &str, id: &str) -> Result<bool, ApiError> {
+pub async fn cancel(state: &Sessions, token_id: &str, id: &str) -> Result<bool, ApiError> {
     let s = get(state, token_id, id).await?;
-    Ok(state.sessions.cancel(&s.session_id).await)
+    Ok(state.active.cancel(&s.session_id).await)
 }
 
 /// Soft-closes the caller's session (idempotent) and returns it as it is now.
 pub async fn close_for(
-    state: &AppState,
+    state: &Sessions,
     token_id: &str,
     id: &str,
 ) -> Result<SessionRecord, ApiError> {
@@ -356,15 +392,15 @@ pub async fn close_for(
 /// Soft close: stops a running turn, `acpx sessions close`, stops the queue owner and its
 /// agent if close left them, removes the working dir, marks the row closed. The row stays
 /// readable until the hard TTL.
-pub async fn close(state: &AppState, s: &SessionRecord, why: &str) -> Result<(), ApiError> {
-    let _claim = state.sessions.claim_close(&s.session_id).await;
+pub async fn close(state: &Sessions, s: &SessionRecord, why: &str) -> Result<(), ApiError> {
+    let _claim = state.active.claim_close(&s.session_id).await;
     let id = s.session_id.clone();
     let current = state.db.read(move |c| store::get(c, &id)).await?;
     if current.as_ref().is_none_or(|c| c.status != "open") {
         return Ok(());
     }
     let t = target(s);
-    match acpx::control(state, &t, t.close_args(), CLOSE_LIMIT).await {
+    match acpx::control(&state.config, &state.db, &t, t.close_args(), CLOSE_LIMIT).await {
         Ok(out) if out.code == Some(0) => {}
         Ok(out) => {
             tracing::warn!(session = %s.session_id, error = %out.error_message(), "acpx sessions close failed")
@@ -387,7 +423,7 @@ pub async fn close(state: &AppState, s: &SessionRecord, why: &str) -> Result<(),
 }
 
 /// Closes every open session of a revoked token.
-pub async fn close_all_of(state: &AppState, token_id: &str) -> Result<usize, ApiError> {
+pub async fn close_all_of(state: &Sessions, token_id: &str) -> Result<usize, ApiError> {
     let token_id = token_id.to_string();
     let open = state
         .db

@@ -110,6 +110,21 @@ pub fn list_for(
     rows.collect()
 }
 
+/// Every token's sessions (for the operator), newest first; `token_id` and `status`
+/// filter when given.
+pub fn list_all(
+    conn: &Connection,
+    token_id: Option<&str>,
+    status: Option<&str>,
+) -> rusqlite::Result<Vec<SessionRecord>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM sessions WHERE (?1 IS NULL OR token_id = ?1)
+         AND (?2 IS NULL OR status = ?2) ORDER BY created_at DESC, id DESC"
+    ))?;
+    let rows = stmt.query_map(params![token_id, status], from_row)?;
+    rows.collect()
+}
+
 /// Sessions matching a condition, for the sweeper and revocation.
 pub fn select_where(
     conn: &Connection,

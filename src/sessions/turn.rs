@@ -16,29 +16,26 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::acpx::{self, Target};
 use super::parse::TurnLog;
 use super::store::{self, SessionRecord};
-use super::{target, Claim, StopWhy};
-use crate::app::AppState;
+use super::{target, Claim, Sessions};
 use crate::audit::{Completion, Outcome};
 use crate::auth::tokens::TokenRecord;
-use crate::config::SessionPermissions;
+use crate::config::{Config, SessionPermissions};
 use crate::error::ApiError;
-use crate::governance::{self, Admission};
-use crate::process::{Event, Proc, ProcError};
+use crate::governance::Admission;
 use crate::runner::parse::{clip, judge, usage_limit};
-use crate::runner::{spawn_with_prompt, stage_and_audit, AuditGuard, Start};
+use crate::store::Db;
+use crate::supervise::{
+    self, AuditGuard, Child, Fold, Job, Kind, Metered, Sink, Start, StopWhy, SOFT_STOP_GRACE,
+};
 use crate::util::now_ms;
-
-/// How long a stopped turn may take to end after acpx was asked to cancel it (observed:
-/// about 2 s) before it is killed. Short enough to fit the shutdown grace.
-const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
 /// A validated turn request.
 #[derive(Debug, Clone)]
@@ -75,7 +72,7 @@ pub struct TurnAnswer {
 
 /// A turn ready to start: it holds the session, its slot and its open audit row.
 pub struct PreparedTurn {
-    state: Arc<AppState>,
+    state: Sessions,
     session: SessionRecord,
     claim: Claim,
     /// `None` when the turn was cancelled or its session closed while it waited for one.
@@ -91,7 +88,7 @@ pub struct PreparedTurn {
 /// slot (waiting in line), stages the attachments into the session's dir and opens the
 /// audit row.
 pub async fn prepare_turn(
-    state: &Arc<AppState>,
+    state: &Sessions,
     token: &TokenRecord,
     id: &str,
     input: TurnInput,
@@ -105,18 +102,18 @@ pub async fn prepare_turn(
         }
     };
     let s = open(super::get(state, token_id, id).await?)?;
-    let claim = state.sessions.claim_turn(&s.session_id)?;
+    let claim = state.active.claim_turn(&s.session_id)?;
     // A close may have finished between the first read and the claim.
     let s = open(super::get(state, token_id, id).await?)?;
     let slot = tokio::select! {
-        admitted = governance::admit(state, token, &s.model) => Some(admitted?),
+        admitted = state.admitter.admit(token, &s.model) => Some(admitted?),
         _ = claim.stop.stopped() => None,
     };
     let cwd = PathBuf::from(&s.cwd);
     tokio::fs::create_dir_all(&cwd).await?;
-    let (prompt_text, audit) = stage_and_audit(
-        state,
-        Start {
+    let (prompt_text, audit) = state
+        .supervisor
+        .stage_and_audit(Start {
             token_id,
             kind: "turn",
             model: &s.model,
@@ -125,9 +122,8 @@ pub async fn prepare_turn(
             files: &input.files,
             dir: &cwd,
             warm: None,
-        },
-    )
-    .await?;
+        })
+        .await?;
     Ok(PreparedTurn {
         state: state.clone(),
         session: s,
@@ -143,34 +139,72 @@ pub async fn prepare_turn(
     })
 }
 
-/// Runs a prepared turn on its own task and waits for it. The task, not this future, owns
-/// the turn: if the client hangs up (this future is dropped), the task sees it, stops the
-/// turn and closes its audit row.
+/// Runs a prepared turn on its own task and waits for it; see [`supervise::detached`].
 pub async fn run_turn(p: PreparedTurn) -> Result<TurnAnswer, ApiError> {
-    let gone = CancellationToken::new();
-    let task = tokio::spawn(execute_turn(p, None, gone.clone()));
-    let _hang_up = gone.drop_guard();
-    task.await
-        .map_err(|e| ApiError::internal(format!("turn task failed: {e}")))?
+    supervise::detached(move |gone| execute_turn(p, None, gone)).await
 }
 
-/// How a turn ended, before it becomes an answer.
-enum End {
-    Exited(Option<i32>),
-    Cancelled,
-    Timeout,
-    Closed,
-    Shutdown,
-    ClientGone,
-    TooLarge,
+/// What one `acpx prompt` printed, folded as it arrives, and how to stop it softly: acpx
+/// is asked to cancel the turn (the agent answers with `stopReason: "cancelled"`), and
+/// after a kill the queue owner (outside the turn's group) goes too.
+struct AcpFold {
+    log: TurnLog,
+    /// The session's cumulative cost before this turn (ACP reports running totals).
+    cost_before: f64,
+    config: Arc<Config>,
+    db: Db,
+    target: Target,
+    record_id: Option<String>,
 }
 
-/// Runs the turn. With `sink`, every JSON line is forwarded as it arrives (the caller
-/// turns them into `event: acp`); a closed sink or a cancelled `gone` means the client is
-/// gone and the turn is stopped.
+impl Fold for AcpFold {
+    fn line(&mut self, line: &[u8]) -> Option<Value> {
+        self.log.push(line)
+    }
+
+    fn judge(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError> {
+        let (outcome, judged) = judge_turn(&self.log, exit_code, stderr);
+        judged.map(|_| outcome)
+    }
+
+    fn metered(&self) -> Metered {
+        let r = self.log.result.as_ref();
+        Metered {
+            input_tokens: r.and_then(|r| r.input_tokens),
+            output_tokens: r.and_then(|r| r.output_tokens),
+            cost_usd: self.log.cost(self.cost_before).0,
+            response_chars: Some(self.log.text().chars().count() as i64),
+        }
+    }
+
+    fn soft_stop(&self) -> Option<BoxFuture<'static, bool>> {
+        let (config, db, t) = (self.config.clone(), self.db.clone(), self.target.clone());
+        Some(Box::pin(async move {
+            let out = acpx::control(&config, &db, &t, t.cancel_args(), SOFT_STOP_GRACE).await;
+            // `false` also when acpx had nothing to cancel yet (the agent was starting).
+            out.is_ok_and(|o| {
+                o.lines
+                    .iter()
+                    .any(|l| l.get("cancelled") == Some(&Value::Bool(true)))
+            })
+        }))
+    }
+
+    fn after_kill(&self) -> Option<BoxFuture<'static, ()>> {
+        let home = acpx::children_home(&self.config)?;
+        let record_id = self.record_id.clone()?;
+        Some(Box::pin(async move {
+            acpx::stop_queue_owner(&home, &record_id).await;
+        }))
+    }
+}
+
+/// Runs the turn under the shared supervision path. With `sink`, every JSON line is
+/// forwarded as it arrives (the caller turns them into `event: acp`); a closed sink or a
+/// cancelled `gone` means the client is gone and the turn is stopped.
 pub async fn execute_turn(
     p: PreparedTurn,
-    sink: Option<mpsc::Sender<Value>>,
+    sink: Option<Sink>,
     gone: CancellationToken,
 ) -> Result<TurnAnswer, ApiError> {
     let PreparedTurn {
@@ -227,80 +261,27 @@ pub async fn execute_turn(
         &session.model,
         session.system_prompt.as_deref(),
     );
-    let spec = t.spec(&state.config, args, Some(audit.id));
-    let mut proc = spawn_with_prompt(&state, spec, prompt_text, &mut audit).await?;
-
-    let mut log = TurnLog::default();
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
-    let shutdown = state.shutdown.clone();
-    let end = loop {
-        let closed = async {
-            match &sink {
-                Some(s) => s.closed().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            ev = proc.next_event() => match ev {
-                Ok(Event::Line(line)) => {
-                    if !forward(&mut log, &line, sink.as_ref()).await {
-                        break End::ClientGone;
-                    }
-                }
-                Ok(Event::Exited(status)) => break End::Exited(status.code()),
-                Err(ProcError::OutputTooLarge) => break End::TooLarge,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading acpx's output failed");
-                    break End::Exited(None);
-                }
-            },
-            _ = &mut deadline => break End::Timeout,
-            why = claim.stop.stopped() => break match why {
-                StopWhy::Cancel => End::Cancelled,
-                StopWhy::Close => End::Closed,
-            },
-            _ = shutdown.cancelled() => break End::Shutdown,
-            _ = gone.cancelled() => break End::ClientGone,
-            _ = closed => break End::ClientGone,
-        }
+    let job = Job {
+        kind: Kind::Turn,
+        child: Child::Spawn {
+            spec: t.spec(&state.config, args, Some(audit.id)),
+            stdin: prompt_text,
+        },
+        fold: AcpFold {
+            log: TurnLog::default(),
+            cost_before: session.cost_total,
+            config: state.config.clone(),
+            db: state.db.clone(),
+            target: t,
+            record_id: session.acpx_record_id.clone(),
+        },
+        timeout,
+        stop: claim.stop.clone(),
+        gone,
+        sink,
     };
-    let mut exit_code = match end {
-        End::Exited(code) => code,
-        _ => None,
-    };
-    let mut hard_stop = matches!(end, End::TooLarge);
-    if !matches!(end, End::Exited(_) | End::TooLarge) {
-        // The client may be gone; the lines still tell how the turn ended.
-        let sink = sink.as_ref().filter(|_| !matches!(end, End::ClientGone));
-        match soft_cancel(&state, &t, &mut proc, &mut log, sink).await {
-            Some(code) => exit_code = code,
-            None => hard_stop = true,
-        }
-    }
-    if hard_stop {
-        proc.terminate().await;
-        stop_agent(&state, &session).await;
-    }
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let stderr = proc.stderr_tail();
-    drop(proc);
-
-    let (outcome, judged) = match end {
-        End::Exited(code) => judge_turn(&log, code, &stderr),
-        End::Cancelled => (Outcome::Cancelled, Ok("cancelled".to_string())),
-        End::Timeout => (Outcome::Timeout, Err(ApiError::Timeout)),
-        End::Closed => (Outcome::Cancelled, Err(ApiError::SessionClosed)),
-        End::Shutdown => (
-            Outcome::Cancelled,
-            Err(ApiError::Unavailable("server shutting down".into())),
-        ),
-        End::ClientGone => (
-            Outcome::Abandoned,
-            Err(ApiError::Unavailable("client went away".into())),
-        ),
-        End::TooLarge => (Outcome::Error, Err(ApiError::OutputTooLarge)),
-    };
+    let ended = state.supervisor.supervise(job, &mut audit).await;
+    let log = ended.fold.log;
     let (cost, cost_total) = log.cost(session.cost_total);
     let id = sid.clone();
     if let Err(e) = state
@@ -310,38 +291,22 @@ pub async fn execute_turn(
     {
         tracing::error!(error = %e, "could not record the end of a turn");
     }
-    let result = log.result.clone();
-    let tokens = |f: fn(&super::parse::PromptResult) -> Option<i64>| result.as_ref().and_then(f);
-    let text = log.text().to_string();
-    let recorded = audit
-        .complete(Completion {
-            outcome: Some(outcome),
-            response_chars: Some(text.chars().count() as i64),
-            duration_ms: Some(duration_ms as i64),
-            exit_code: exit_code.map(i64::from),
-            input_tokens: tokens(|r| r.input_tokens),
-            output_tokens: tokens(|r| r.output_tokens),
-            cost_usd: cost,
-            detail: judged.as_ref().err().map(|e| e.code().into()),
-        })
-        .await;
-    state
-        .metrics
-        .observe_turn(outcome.as_str(), started.elapsed());
-    if let Err(e) = &judged {
-        state.governor.note(e);
-    }
     // Free the session before the answer leaves, so a client's next turn is never `busy`.
     drop(claim);
-    // A failed turn answers its own error, which says more than a failure to record it.
-    let stop_reason = judged?;
-    recorded?;
+    ended.result?;
+    let result = log.result.clone();
+    let tokens = |f: fn(&super::parse::PromptResult) -> Option<i64>| result.as_ref().and_then(f);
+    let stop_reason = match (ended.outcome, &result) {
+        (Outcome::Cancelled, _) => "cancelled".to_string(),
+        (_, Some(r)) => r.stop_reason.clone(),
+        (_, None) => "end_turn".to_string(),
+    };
     Ok(TurnAnswer {
         session_id: sid,
         turn_index,
-        text,
+        text: log.text().to_string(),
         stop_reason,
-        duration_ms,
+        duration_ms: ended.duration_ms,
         usage: TurnUsage {
             input_tokens: tokens(|r| r.input_tokens).unwrap_or(0),
             output_tokens: tokens(|r| r.output_tokens).unwrap_or(0),
@@ -350,60 +315,6 @@ pub async fn execute_turn(
         },
         events: log.events,
     })
-}
-
-/// Folds a line into the log and forwards what the client should see; false when the
-/// client is gone.
-async fn forward(log: &mut TurnLog, line: &[u8], sink: Option<&mpsc::Sender<Value>>) -> bool {
-    match (log.push(line), sink) {
-        (Some(v), Some(sink)) => sink.send(v).await.is_ok(),
-        _ => true,
-    }
-}
-
-/// Asks acpx to cancel the turn and keeps reading until `acpx prompt` exits (the agent
-/// answers the prompt with `stopReason: "cancelled"`). `None` when acpx had nothing to
-/// cancel yet (the agent was still starting) or the turn did not end in time.
-async fn soft_cancel(
-    state: &AppState,
-    t: &Target,
-    proc: &mut Proc,
-    log: &mut TurnLog,
-    sink: Option<&mpsc::Sender<Value>>,
-) -> Option<Option<i32>> {
-    let cmd = acpx::control(state, t, t.cancel_args(), CANCEL_GRACE);
-    tokio::pin!(cmd);
-    let mut asked = false;
-    let ended = tokio::time::timeout(CANCEL_GRACE, async {
-        loop {
-            tokio::select! {
-                out = &mut cmd, if !asked => {
-                    asked = true;
-                    let accepted = out.is_ok_and(|o| {
-                        o.lines.iter().any(|l| l.get("cancelled") == Some(&Value::Bool(true)))
-                    });
-                    if !accepted {
-                        return None;
-                    }
-                }
-                ev = proc.next_event() => match ev {
-                    // The client may be gone already; the turn still has to end.
-                    Ok(Event::Line(line)) => { forward(log, &line, sink).await; }
-                    Ok(Event::Exited(status)) => return Some(status.code()),
-                    Err(_) => return None,
-                },
-            }
-        }
-    })
-    .await;
-    ended.ok().flatten()
-}
-
-/// Stops the session's queue owner and the agent in its group.
-async fn stop_agent(state: &AppState, s: &SessionRecord) {
-    if let (Some(home), Some(record_id)) = (state.home(), s.acpx_record_id.as_deref()) {
-        acpx::stop_queue_owner(&home, record_id).await;
-    }
 }
 
 /// A finished `acpx prompt`: the result answering this turn's prompt is the answer, even

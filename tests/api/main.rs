@@ -3,12 +3,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod binary;
+mod console;
 mod drills;
 #[path = "../common/fake_upstream.rs"]
 mod fake_upstream;
 mod files;
 mod foundation;
 mod governance;
+mod hardening;
 // Not every test module uses every helper.
 #[allow(dead_code)]
 mod harness;

@@ -96,12 +96,23 @@ async fn allowlist_from_a_real_non_loopback_peer() {
         return;
     }
     let ns = Netns::create("a");
-    // Not allowed: ALLOW_CIDRS is empty, so only loopback may connect.
+    // Not allowed: ALLOW_CIDRS is empty, so only loopback may connect. The connection is
+    // dropped as it is accepted: no answer at all (curl's status 000).
     let closed =
         TestServer::start_with(|c| c.settings.listen = "198.18.7.1:0".parse().unwrap()).await;
-    assert_eq!(ns.get(&format!("{}/healthz", closed.url), None).await, 403);
-    assert_eq!(ns.get(&format!("{}/nope", closed.url), None).await, 403);
+    assert_eq!(ns.get(&format!("{}/healthz", closed.url), None).await, 0);
+    assert_eq!(ns.get(&format!("{}/nope", closed.url), None).await, 0);
     drop(closed);
+
+    // A trusted proxy outside ALLOW_CIDRS is let in to have its forwarded address judged;
+    // forwarding nothing, it is judged as itself (outside: 403 with the envelope).
+    let proxied = TestServer::start_with(|c| {
+        c.settings.listen = "198.18.7.1:0".parse().unwrap();
+        c.settings.trusted_proxies = vec!["198.18.7.2/32".parse().unwrap()];
+    })
+    .await;
+    assert_eq!(ns.get(&format!("{}/healthz", proxied.url), None).await, 403);
+    drop(proxied);
 
     let open = TestServer::start_with(|c| {
         c.settings.listen = "198.18.7.1:0".parse().unwrap();

@@ -526,3 +526,241 @@ async fn audit_rows_record_runs_and_respect_prompt_privacy() {
     assert_eq!(row["prompt"], Value::Null);
     assert_eq!(row["prompt_chars"], 13);
 }
+
+/// The audit row of the only run: (outcome, detail, duration_ms, cost_usd).
+fn run_ending(s: &TestServer) -> (String, Option<String>, Option<i64>, Option<f64>) {
+    s.db()
+        .query_row(
+            "SELECT outcome, detail, duration_ms, cost_usd FROM audit WHERE kind = 'run'
+             ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap()
+}
+
+/// Waits until the newest run row has left `running`, then returns it.
+async fn settled_run(s: &TestServer) -> (String, Option<String>, Option<i64>, Option<f64>) {
+    eventually("the run's audit row is closed", || {
+        run_ending(s).0 != "running"
+    })
+    .await;
+    run_ending(s)
+}
+
+#[tokio::test]
+async fn a_hang_up_gives_the_same_audit_row_streamed_or_not() {
+    let mut rows = Vec::new();
+    for stream in [false, true] {
+        let s = TestServer::start().await;
+        let (_, t) = s.mint("app").await;
+        let req = s
+            .app(&t, Method::POST, "/run")
+            .json(&json!({"prompt": "@stub:hang", "stream": stream}));
+        let pending = tokio::spawn(async move {
+            // Streamed: hold the open stream (never read it) until aborted.
+            let res = req.send().await.unwrap();
+            std::future::pending::<()>().await;
+            drop(res);
+        });
+        let record_dir = s.record_dir.clone();
+        eventually("stub started", || !records(&record_dir).is_empty()).await;
+        let pid = records(&s.record_dir)[0]["pid"].as_i64().unwrap() as i32;
+        pending.abort();
+        eventually("stub killed after the hang-up", || !alive(pid)).await;
+        let (outcome, detail, duration, _) = settled_run(&s).await;
+        assert!(duration.is_some(), "a hang-up records how long the run ran");
+        rows.push((outcome, detail));
+    }
+    assert_eq!(
+        rows[0],
+        ("abandoned".to_string(), Some("client_gone".into()))
+    );
+    assert_eq!(rows[0], rows[1], "streamed and plain hang-ups differ");
+}
+
+#[tokio::test]
+async fn runs_are_cancellable_by_id_by_their_owner_only() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    let (_, other) = s.mint("other").await;
+    let res = s
+        .app(&t, Method::POST, "/run")
+        .json(&json!({"prompt": "@stub:hang", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let run_id = res.headers()["x-run-id"].to_str().unwrap().to_string();
+    assert!(run_id.starts_with("run_"), "{run_id}");
+    let record_dir = s.record_dir.clone();
+    eventually("stub started", || !records(&record_dir).is_empty()).await;
+    let pid = records(&s.record_dir)[0]["pid"].as_i64().unwrap() as i32;
+    // Another token's run looks like a missing one.
+    let (st, v) = cancel_run(&s, &other, &run_id).await;
+    assert_eq!((st, v["code"].as_str()), (404, Some("not_found")), "{v}");
+    let (st, _) = cancel_run(&s, &t, "run_nosuchrun").await;
+    assert_eq!(st, 404);
+    assert!(alive(pid), "a refused cancel stopped the run");
+
+    let (st, v) = cancel_run(&s, &t, &run_id).await;
+    assert_eq!((st, &v), (200, &json!({"ok": true, "cancelled": true})));
+    assert!(!alive(pid), "the cancel answered before the run ended");
+    let events = sse_events(res).await;
+    let (name, answer) = events.last().unwrap();
+    assert_eq!(name, "result", "{events:?}");
+    assert_eq!(answer["ok"], true);
+    assert_eq!(answer["stop_reason"], "cancelled");
+    assert_eq!(answer["run_id"], run_id.as_str());
+    let (outcome, detail, duration, _) = settled_run(&s).await;
+    assert_eq!((outcome.as_str(), detail), ("cancelled", None));
+    assert!(duration.is_some());
+    assert!(all_dirs_gone(&s));
+    // Ended: nothing left to cancel, still the caller's run.
+    let (st, v) = cancel_run(&s, &t, &run_id).await;
+    assert_eq!((st, &v), (200, &json!({"ok": true, "cancelled": false})));
+    let (st, _) = cancel_run(&s, &other, &run_id).await;
+    assert_eq!(st, 404);
+}
+
+async fn cancel_run(s: &TestServer, token: &str, run_id: &str) -> (u16, Value) {
+    s.post_json(token, &format!("/runs/{run_id}/cancel"), &json!({}))
+        .await
+}
+
+/// The cost the stub reports, whatever the ending.
+const REPORTED: f64 = 0.25;
+
+#[tokio::test]
+async fn the_reported_cost_is_metered_on_every_ending() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    // Answered.
+    let (st, v) = run(&s, &t, json!({"prompt": "@stub:cost=0.25"})).await;
+    assert_eq!((st, v["cost_usd"].as_f64()), (200, Some(REPORTED)));
+    assert_eq!(settled_run(&s).await.3, Some(REPORTED), "answered");
+    // Failed: `is_error` with a cost.
+    let (st, _) = run(
+        &s,
+        &t,
+        json!({"prompt": "@stub:error=boom\n@stub:cost=0.25"}),
+    )
+    .await;
+    assert_eq!(st, 502);
+    let (outcome, _, _, cost) = settled_run(&s).await;
+    assert_eq!(
+        (outcome.as_str(), cost),
+        ("error", Some(REPORTED)),
+        "failed"
+    );
+    // Timed out after the result line: a grandchild keeps the output open.
+    let held = "@stub:cost=0.25\n@stub:grandchild=hold-stdout";
+    let (st, _) = run(&s, &t, json!({"prompt": held, "timeout_secs": 1})).await;
+    assert_eq!(st, 504);
+    let (outcome, _, _, cost) = settled_run(&s).await;
+    assert_eq!(
+        (outcome.as_str(), cost),
+        ("timeout", Some(REPORTED)),
+        "timed out"
+    );
+    // Cancelled after the result line.
+    let mut res = s
+        .app(&t, Method::POST, "/run")
+        .json(&json!({"prompt": held, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let run_id = res.headers()["x-run-id"].to_str().unwrap().to_string();
+    read_until_result_line(&mut res).await;
+    let (st, _) = cancel_run(&s, &t, &run_id).await;
+    assert_eq!(st, 200);
+    let (outcome, _, _, cost) = settled_run(&s).await;
+    assert_eq!(
+        (outcome.as_str(), cost),
+        ("cancelled", Some(REPORTED)),
+        "cancelled"
+    );
+    drop(res);
+    // Abandoned after the result line was forwarded.
+    let mut res = s
+        .app(&t, Method::POST, "/run")
+        .json(&json!({"prompt": held, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    read_until_result_line(&mut res).await;
+    drop(res);
+    let (outcome, detail, _, cost) = settled_run(&s).await;
+    assert_eq!(
+        (outcome.as_str(), detail.as_deref(), cost),
+        ("abandoned", Some("client_gone"), Some(REPORTED)),
+        "abandoned"
+    );
+    let (st, usage) = body(s.app(&t, Method::GET, "/usage").send().await.unwrap()).await;
+    assert_eq!(st, 200);
+    let total = usage["today"]["cost_usd"].as_f64().unwrap();
+    assert!((total - 5.0 * REPORTED).abs() < 1e-9, "{usage}");
+}
+
+#[tokio::test]
+async fn hanging_up_after_the_result_still_spends_the_budget() {
+    let s = TestServer::start().await;
+    let (_, t) = s
+        .mint_with(json!({"name": "tiny", "budget_usd_per_day": 0.0001}))
+        .await;
+    let mut res = s
+        .app(&t, Method::POST, "/run")
+        .json(&json!({"prompt": "@stub:cost=0.25\n@stub:grandchild=hold-stdout", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    read_until_result_line(&mut res).await;
+    drop(res);
+    assert_eq!(settled_run(&s).await.0, "abandoned");
+    let (st, v) = run(&s, &t, json!({"prompt": "again"})).await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (402, Some("budget_exhausted")),
+        "{v}"
+    );
+}
+
+/// Reads a streamed run until the CLI's `result` line has been forwarded.
+async fn read_until_result_line(res: &mut reqwest::Response) {
+    let mut seen = String::new();
+    while !seen.contains(r#""type":"result""#) {
+        let chunk = res.chunk().await.unwrap().expect("the stream ended early");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_cannot_delay_the_deadline() {
+    let s = TestServer::start_with(|c| c.settings.max_output_bytes = 1 << 30).await;
+    let (_, t) = s.mint("app").await;
+    let body = json!({"prompt": "@stub:flood-lines=200000000\n@stub:sleep=600",
+                      "stream": true, "timeout_secs": 2})
+    .to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(s.addr).await.unwrap();
+    let head = format!(
+        "POST /run HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {t}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        s.addr,
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut conn, format!("{head}{body}").as_bytes())
+        .await
+        .unwrap();
+    // Never read from `conn` again.
+    let record_dir = s.record_dir.clone();
+    eventually("stub started", || !records(&record_dir).is_empty()).await;
+    let pid = records(&s.record_dir)[0]["pid"].as_i64().unwrap() as i32;
+    let (outcome, detail, _, _) = settled_run(&s).await;
+    assert_eq!(
+        (outcome.as_str(), detail.as_deref()),
+        ("timeout", Some("timeout"))
+    );
+    eventually("the stub's group is gone", || !alive(pid)).await;
+    drop(conn);
+}

@@ -688,7 +688,7 @@ async fn the_sweeper_closes_idle_sessions_and_deletes_what_expired() {
     )
     .unwrap();
 
-    let report = clawdforge::sweeper::sweep_once(&s.state).await;
+    let report = clawdforge::sweeper::sweep_once(&s.state.sweep).await;
     assert_eq!(
         report,
         clawdforge::sweeper::SweepReport {
@@ -714,7 +714,7 @@ async fn the_sweeper_closes_idle_sessions_and_deletes_what_expired() {
         rusqlite::params![idle, now - 86_400_000 - 1000],
     )
     .unwrap();
-    let report = clawdforge::sweeper::sweep_once(&s.state).await;
+    let report = clawdforge::sweeper::sweep_once(&s.state.sweep).await;
     assert_eq!((report.sessions_deleted, report.sessions_closed), (1, 0));
     let (st, _) = call(&s, &t, Method::GET, &format!("/sessions/{idle}")).await;
     assert_eq!(st, 404);
@@ -755,7 +755,7 @@ async fn twenty_sessions_leave_no_processes_behind() {
             [],
         )
         .unwrap();
-    let report = clawdforge::sweeper::sweep_once(&s.state).await;
+    let report = clawdforge::sweeper::sweep_once(&s.state.sweep).await;
     assert_eq!(report.sessions_closed, 10);
     eventually("every queue owner is gone", || {
         processes_with_home(&home).len() == before

@@ -215,7 +215,7 @@ async fn real_acpx_carries_context_across_turns_and_a_restart() {
     db.busy_timeout(Duration::from_secs(5)).unwrap();
     db.execute("UPDATE sessions SET closed_at = 0 WHERE id = ?1", [&id])
         .unwrap();
-    let report = clawdforge::sweeper::sweep_once(&s.state).await;
+    let report = clawdforge::sweeper::sweep_once(&s.state.sweep).await;
     assert_eq!(report.sessions_deleted, 1);
     assert!(!record.exists());
     let projects = s.dir.path().join("claude-config/projects");

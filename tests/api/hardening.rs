@@ -1,0 +1,300 @@
+//! Hostile and careless clients over raw sockets: unreadable forwarded addresses, slow and
+//! idle connections, stalled bodies, the connection cap, hyper's own parse errors, and a
+//! client that hangs up after sending a stray CRLF.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{alive, eventually, TestServer};
+use crate::runs::records;
+
+/// Longest any single read below may wait before the test calls the server stuck.
+const STUCK: Duration = Duration::from_secs(20);
+
+/// Sends `raw` and reads until the server closes: the status and the parsed JSON body.
+async fn exchange(s: &TestServer, raw: &[u8]) -> (u16, Value) {
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(raw).await.unwrap();
+    read_answer(&mut sock).await
+}
+
+/// Reads one answer (the server sends `connection: close` or has closed after it).
+async fn read_answer(sock: &mut TcpStream) -> (u16, Value) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = tokio::time::timeout(STUCK, sock.read(&mut chunk))
+            .await
+            .expect("server answered in time")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(answer) = parse_answer(&buf) {
+            return answer;
+        }
+    }
+    parse_answer(&buf)
+        .unwrap_or_else(|| panic!("no whole answer: {:?}", String::from_utf8_lossy(&buf)))
+}
+
+fn parse_answer(buf: &[u8]) -> Option<(u16, Value)> {
+    let text = std::str::from_utf8(buf).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status: u16 = head.split(' ').nth(1)?.parse().ok()?;
+    let len: usize = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())?
+    })?;
+    if body.len() < len {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&body[..len])
+        .unwrap_or_else(|_| panic!("status {status}: body is not JSON: {body:?}"));
+    assert_eq!(v["ok"], json!(status < 400), "{v}");
+    Some((status, v))
+}
+
+/// Reads until the server closes the connection; what it sent before.
+async fn until_closed(sock: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    tokio::time::timeout(STUCK, sock.read_to_end(&mut out))
+        .await
+        .expect("the server closed the connection")
+        .ok();
+    out
+}
+
+#[tokio::test]
+async fn unreadable_forwarded_for_from_a_trusted_proxy_is_refused() {
+    let s = TestServer::start_with(|c| {
+        c.settings.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        c.settings.allow_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    let get = |xff: &[u8]| {
+        let mut raw =
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-forwarded-for: ".to_vec();
+        raw.extend_from_slice(xff);
+        raw.extend_from_slice(b"\r\n\r\n");
+        raw
+    };
+    // Readable: an allowed client is let in, an outside one is not, and a proxy forwarding
+    // nothing is judged as itself.
+    assert_eq!(exchange(&s, &get(b"10.1.2.3")).await.0, 200);
+    assert_eq!(exchange(&s, &get(b"203.0.113.5")).await.0, 403);
+    assert_eq!(
+        exchange(
+            &s,
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        .await
+        .0,
+        200
+    );
+    for bad in [
+        &b"\xc3\xa9, 203.0.113.5"[..],
+        b"203.0.113.5,",
+        b"garbage",
+        b"unknown",
+        b"fe80::1%eth0",
+        b"010.001.002.003",
+        b"10.1.2.3, ",
+    ] {
+        let (st, v) = exchange(&s, &get(bad)).await;
+        assert_eq!(
+            (st, v["code"].as_str()),
+            (403, Some("forbidden")),
+            "{:?}: {v}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_head_that_never_ends_is_closed_after_the_header_timeout() {
+    let s = TestServer::start_with(|c| c.settings.header_timeout_secs = 1).await;
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        .await
+        .unwrap();
+    let sent = until_closed(&mut sock).await;
+    assert!(sent.is_empty(), "{:?}", String::from_utf8_lossy(&sent));
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let s = TestServer::start_with(|c| c.settings.header_timeout_secs = 1).await;
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut sock).await.0, 200);
+    // Kept alive for a next request that never comes: closed, nothing more sent.
+    assert!(until_closed(&mut sock).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_stalled_upload_is_408_and_leaves_nothing_behind() {
+    let s = TestServer::start_with(|c| c.settings.body_timeout_secs = 1).await;
+    let (_, t) = s.mint("slow").await;
+    let boundary = "cf-stall-boundary";
+    let start = format!(
+        "--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a.bin\"\r\n\
+         content-type: application/octet-stream\r\n\r\n{}",
+        "x".repeat(10_000)
+    );
+    let head = format!(
+        "POST /files HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\n\
+         content-type: multipart/form-data; boundary={boundary}\r\ncontent-length: 1000000\r\n\r\n"
+    );
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(start.as_bytes()).await.unwrap();
+    let (st, v) = read_answer(&mut sock).await;
+    assert_eq!((st, v["code"].as_str()), (408, Some("timeout")), "{v}");
+    let rows: i64 = s
+        .db()
+        .query_row("SELECT count(*) FROM files", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0);
+    let uploads = s.state.config.uploads_dir.clone();
+    eventually("no upload bytes kept", || {
+        std::fs::read_dir(&uploads).unwrap().next().is_none()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stalled_run_body_is_408_and_runs_nothing() {
+    let s = TestServer::start_with(|c| c.settings.body_timeout_secs = 1).await;
+    let (_, t) = s.mint("slow").await;
+    let head = format!(
+        "POST /run HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"prompt\": \"hi"
+    );
+    let (st, v) = exchange(&s, head.as_bytes()).await;
+    assert_eq!((st, v["code"].as_str()), (408, Some("timeout")), "{v}");
+    assert!(records(&s.record_dir).is_empty(), "no CLI was started");
+    assert!(s.audit_rows("run").is_empty());
+}
+
+#[tokio::test]
+async fn beyond_the_connection_cap_new_connections_wait() {
+    let s = TestServer::start_with(|c| {
+        c.settings.max_connections = 2;
+        c.settings.header_timeout_secs = 60;
+    })
+    .await;
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut h = TcpStream::connect(s.addr).await.unwrap();
+        h.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Answered, so this connection is surely being served (and kept alive).
+        assert_eq!(read_answer(&mut h).await.0, 200);
+        holders.push(h);
+    }
+    // The kernel completes the handshake, but the server does not take the connection.
+    let mut third = TcpStream::connect(s.addr).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), third.read(&mut byte))
+            .await
+            .is_err(),
+        "a connection beyond the cap was served"
+    );
+    drop(holders.pop());
+    assert_eq!(read_answer(&mut third).await.0, 200);
+}
+
+#[tokio::test]
+async fn hyper_parse_errors_are_answered_with_the_envelope() {
+    let s = TestServer::start().await;
+    let huge = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let (st, v) = exchange(&s, huge.as_bytes()).await;
+    assert_eq!((st, v["code"].as_str()), (431, Some("too_large")), "{v}");
+    let (st, v) = exchange(&s, b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert_eq!((st, v["code"].as_str()), (400, Some("bad_request")), "{v}");
+    let (st, v) = exchange(&s, b"GET /healthz HTTP/1.1\r\nbad header\r\n\r\n").await;
+    assert_eq!((st, v["code"].as_str()), (400, Some("bad_request")), "{v}");
+}
+
+#[tokio::test]
+async fn a_hang_up_after_a_stray_crlf_still_stops_the_run() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    let body = json!({"prompt": "@stub:hang", "timeout_secs": 600}).to_string();
+    let raw = format!(
+        "POST /run HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}\r\n",
+        body.len()
+    );
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(raw.as_bytes()).await.unwrap();
+    let record_dir = s.record_dir.clone();
+    eventually("the stub started", || !records(&record_dir).is_empty()).await;
+    let pid = records(&s.record_dir)[0]["pid"].as_i64().unwrap() as i32;
+    drop(sock);
+    eventually("the run's process was killed", || !alive(pid)).await;
+    let db = s.db();
+    eventually("audit row abandoned", || {
+        db.query_row("SELECT outcome FROM audit WHERE kind='run'", [], |r| {
+            r.get::<_, String>(0)
+        })
+        .unwrap()
+            == "abandoned"
+    })
+    .await;
+    // The connection layer keeps working for everyone else.
+    let (st, _) = crate::harness::body(s.req(Method::GET, "/healthz").send().await.unwrap()).await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test]
+async fn sigterm_with_slow_sockets_open_does_not_wait_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = crate::binary::serve(dir.path(), &[("CLAWDFORGE_HEADER_TIMEOUT_SECS", "60")]);
+    let addr = served.url.trim_start_matches("http://").to_string();
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut sock = TcpStream::connect(&addr).await.unwrap();
+        sock.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: ")
+            .await
+            .unwrap();
+        slow.push(sock);
+    }
+    // A served request proves the slow sockets were accepted before the signal.
+    let mut probe = TcpStream::connect(&addr).await.unwrap();
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    probe.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    let status = served.terminate(Duration::from_secs(15));
+    assert!(status.success(), "{status:?}");
+    let lines = served.collect_lines();
+    assert!(
+        !lines.iter().any(|l| l.contains("did not finish in time")),
+        "shutdown waited out its grace period for idle sockets: {lines:?}"
+    );
+    for mut sock in slow {
+        assert!(until_closed(&mut sock).await.is_empty());
+    }
+}
