@@ -19,7 +19,7 @@ async fn post_run(s: &TestServer, token: &str, b: Value) -> reqwest::Response {
         .unwrap()
 }
 
-async fn patch(s: &TestServer, id: &str, b: Value) -> (u16, Value) {
+pub async fn patch(s: &TestServer, id: &str, b: Value) -> (u16, Value) {
     body(
         s.admin(Method::PATCH, &format!("/admin/tokens/{id}"))
             .json(&b)

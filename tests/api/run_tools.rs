@@ -2,10 +2,10 @@
 //! they become, the token's `allowed_tools`, and the edge checks.
 
 use base64::Engine;
-use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::harness::{body, TestServer};
+use crate::governance::patch;
+use crate::harness::TestServer;
 use crate::runs::{records, run};
 
 /// A valid 1×1 PNG (the real CLI reads the header to size images).
@@ -17,17 +17,6 @@ pub fn b64(b: &[u8]) -> String {
 
 fn argv(rec: &Value) -> Vec<String> {
     serde_json::from_value(rec["argv"].clone()).unwrap()
-}
-
-async fn patch(s: &TestServer, id: &str, b: Value) -> (u16, Value) {
-    body(
-        s.admin(Method::PATCH, &format!("/admin/tokens/{id}"))
-            .json(&b)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
 }
 
 #[tokio::test]

@@ -7,27 +7,13 @@ CF_BASE_URL, CF_TOKEN and case-specific CF_* vars; exit 0 when every assertion h
 import base64
 import os
 import sys
-import time
 
 import anthropic
 from anthropic import Anthropic
 
+from common import TOKEN, expect, records, wait_for_stub
+
 BASE = os.environ["CF_BASE_URL"]
-TOKEN = os.environ["CF_TOKEN"]
-
-
-def wait_for_stub(before):
-    """Until the stub claude has recorded more than `before` prompts (CF_RECORD_DIR): proof
-    that the server's process runs, read from the state it leaves, not guessed by a sleep."""
-    deadline = time.monotonic() + 30
-    d = os.environ["CF_RECORD_DIR"]
-    while len([f for f in os.listdir(d) if f.endswith(".json")]) <= before:
-        assert time.monotonic() < deadline, "the stub never started"
-        time.sleep(0.02)
-
-
-def records():
-    return len([f for f in os.listdir(os.environ["CF_RECORD_DIR"]) if f.endswith(".json")])
 
 
 def client(**kw):
@@ -111,15 +97,6 @@ def errors():
     e = expect(anthropic.PermissionDeniedError, 403, lambda: client().messages.create(
         model="opus", max_tokens=10, messages=msgs))
     assert e.body["error"]["type"] == "permission_error", e.body
-
-
-def expect(cls, status, call):
-    try:
-        call()
-    except cls as e:
-        assert e.status_code == status, (e.status_code, e.body)
-        return e
-    raise AssertionError(f"no {cls.__name__}")
 
 
 def budget():

@@ -15,22 +15,9 @@ import time
 import openai
 from openai import OpenAI
 
+from common import TOKEN, expect, records, wait_for_stub
+
 BASE = os.environ["CF_BASE_URL"] + "/v1"
-TOKEN = os.environ["CF_TOKEN"]
-
-
-def wait_for_stub(before):
-    """Until the stub claude has recorded more than `before` prompts (CF_RECORD_DIR): proof
-    that the server's process runs, read from the state it leaves, not guessed by a sleep."""
-    deadline = time.monotonic() + 30
-    d = os.environ["CF_RECORD_DIR"]
-    while len([f for f in os.listdir(d) if f.endswith(".json")]) <= before:
-        assert time.monotonic() < deadline, "the stub never started"
-        time.sleep(0.02)
-
-
-def records():
-    return len([f for f in os.listdir(os.environ["CF_RECORD_DIR"]) if f.endswith(".json")])
 
 
 def client(**kw):
@@ -152,15 +139,6 @@ def errors():
     e = expect(openai.PermissionDeniedError, 403, lambda: client().chat.completions.create(
         model="opus", messages=msgs))
     assert e.code == "forbidden", e.body
-
-
-def expect(cls, status, call):
-    try:
-        call()
-    except cls as e:
-        assert e.status_code == status, (e.status_code, e.body)
-        return e
-    raise AssertionError(f"no {cls.__name__}")
 
 
 def budget():
