@@ -134,7 +134,7 @@ pub fn complete(conn: &mut Connection, id: i64, c: &Completion) -> rusqlite::Res
         c.detail,
     ])?;
     if let Some((outcome, Some(token_id), kind, model)) = before {
-        let metered = matches!(kind.as_str(), "run" | "turn");
+        let metered = matches!(kind.as_str(), "run" | "turn" | "chat");
         if metered && outcome == Outcome::Running.as_str() && c.outcome != Some(Outcome::Running) {
             usage::record(
                 &sp,

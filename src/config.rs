@@ -144,6 +144,7 @@ impl PolicyFlags {
             default_model: self.default_model.map(Some),
             session_permissions: self.session_permissions.map(Some),
             expires_at: self.expires_at.map(Some),
+            allowed_tools: None,
         }
     }
 }
@@ -420,6 +421,17 @@ pub struct Settings {
           value_name = "CLAWDFORGE_METRICS_OPEN", default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub metrics_open: bool,
+
+    /// Models GET /v1/models lists for a token without allowed_models (comma-separated).
+    #[arg(
+        long,
+        global = true,
+        env = "CLAWDFORGE_MODELS",
+        value_name = "CLAWDFORGE_MODELS",
+        value_delimiter = ',',
+        default_value = "sonnet,opus,haiku"
+    )]
+    pub models: Vec<ModelName>,
 
     /// Serve the operator console at `/`.
     #[arg(long, global = true, env = "CLAWDFORGE_CONSOLE",

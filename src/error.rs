@@ -162,7 +162,8 @@ impl ApiError {
         }
     }
 
-    fn retry_after(&self) -> Option<u64> {
+    /// Seconds for `Retry-After`, when the answer carries one.
+    pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::Overloaded { retry_after_secs }
             | ApiError::RateLimited { retry_after_secs }

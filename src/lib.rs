@@ -10,6 +10,7 @@
 //! - [`process`]: agent processes (env allowlist, process groups, kills);
 //! - [`supervise`]: the one lifecycle of an agent process answering a request;
 //! - [`runner`]: one-shot `claude -p` runs;
+//! - [`compat`]: the OpenAI and Anthropic wire formats of the SDK routes;
 //! - [`slots`]: admission control for agent processes;
 //! - [`governance`]: token policy, the usage ledger, and admission per token;
 //! - [`metrics`]: the Prometheus registry behind `/metrics`;
@@ -23,6 +24,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod compat;
 pub mod config;
 pub mod doctor;
 pub mod error;

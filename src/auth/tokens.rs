@@ -52,12 +52,13 @@ pub fn looks_like_app_token(s: &str) -> bool {
 
 const COLUMNS: &str = "id, name, ip_cidrs, created_at, last_used_at, revoked_at,
     budget_usd_per_day, budget_usd_per_month, max_concurrent, rate_per_min, allowed_models,
-    default_model, session_permissions, expires_at";
+    default_model, session_permissions, expires_at, allowed_tools";
 
 fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
     let cidrs: String = row.get(2)?;
     let models: Option<String> = row.get(10)?;
     let permissions: Option<String> = row.get(12)?;
+    let tools: Option<String> = row.get(14)?;
     Ok(TokenRecord {
         id: row.get(0)?,
         name: row.get(1)?,
@@ -72,6 +73,7 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
             session_permissions: permissions
                 .and_then(|p| <SessionPermissions as clap::ValueEnum>::from_str(&p, false).ok()),
             expires_at: row.get(13)?,
+            allowed_tools: tools.and_then(|t| serde_json::from_str(&t).ok()),
         },
         created_at: row.get(3)?,
         last_used_at: row.get(4)?,
@@ -86,7 +88,8 @@ fn write_policy(conn: &Connection, id: &str, p: &Policy) -> rusqlite::Result<usi
     conn.execute(
         "UPDATE tokens SET ip_cidrs = ?2, budget_usd_per_day = ?3, budget_usd_per_month = ?4,
                 max_concurrent = ?5, rate_per_min = ?6, allowed_models = ?7,
-                default_model = ?8, session_permissions = ?9, expires_at = ?10
+                default_model = ?8, session_permissions = ?9, expires_at = ?10,
+                allowed_tools = ?11
          WHERE id = ?1",
         params![
             id,
@@ -99,6 +102,9 @@ fn write_policy(conn: &Connection, id: &str, p: &Policy) -> rusqlite::Result<usi
             p.default_model,
             p.session_permissions.map(SessionPermissions::as_str),
             p.expires_at,
+            p.allowed_tools
+                .as_ref()
+                .and_then(|t| serde_json::to_string(t).ok()),
         ],
     )
 }

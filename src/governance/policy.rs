@@ -9,6 +9,7 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::config::SessionPermissions;
+use crate::runner::invocation::Tools;
 
 /// A token's policy as stored and shown. `None` means no limit (for `default_model` and
 /// `session_permissions`: the server's setting).
@@ -29,6 +30,10 @@ pub struct Policy {
     #[serde(serialize_with = "crate::util::ser_opt_rfc3339")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<i64>,
+    /// Tools a run may ask for (`"none"`, `"default"` or names); a run naming none gets
+    /// these. `None`: any.
+    #[schema(value_type = Option<Object>)]
+    pub allowed_tools: Option<Tools>,
 }
 
 impl Policy {
@@ -238,6 +243,10 @@ pub struct PolicyPatch {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<Option<Rfc3339>>,
+    /// "none", "default" or a list of built-in tool names; null = any.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<Object>)]
+    pub allowed_tools: Option<Option<Tools>>,
 }
 
 /// Writes a present field into its slot, noting its name.
@@ -317,6 +326,13 @@ impl PolicyPatch {
             c,
         );
         put("expires_at", self.expires_at, &mut p.expires_at, |t| t.0, c);
+        put(
+            "allowed_tools",
+            self.allowed_tools,
+            &mut p.allowed_tools,
+            Tools::normalised,
+            c,
+        );
         if let Some(default) = next
             .default_model
             .as_deref()

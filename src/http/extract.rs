@@ -84,7 +84,32 @@ impl FromRequestParts<Arc<AppState>> for AppCaller {
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
         let ip = client_ip(parts)?;
-        let Some(bearer) = bearer(parts).filter(|b| looks_like_app_token(b)) else {
+        authenticate(state, ip, bearer(parts)).await
+    }
+}
+
+/// The SDK routes' caller: the app token as `Authorization: Bearer` (OpenAI SDKs, and the
+/// `anthropic` Python SDK 2.10.0) or `x-api-key` (other Anthropic clients).
+pub async fn sdk_caller(state: &AppState, parts: &Parts) -> Result<AppCaller, ApiError> {
+    let ip = client_ip(parts)?;
+    let key = bearer(parts).or_else(|| {
+        parts
+            .headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    });
+    authenticate(state, ip, key).await
+}
+
+/// Checks an app token presented from `ip`: known, usable, and allowed from there.
+async fn authenticate(
+    state: &AppState,
+    ip: IpAddr,
+    presented: Option<&str>,
+) -> Result<AppCaller, ApiError> {
+    {
+        let Some(bearer) = presented.filter(|b| looks_like_app_token(b)) else {
             return Err(ApiError::Unauthorized);
         };
         let hash = hash_token(bearer);

@@ -16,6 +16,7 @@ pub mod runs;
 pub mod serve;
 pub mod sessions;
 pub mod usage;
+pub mod v1;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,6 +69,7 @@ impl MakeRequestId for MakeId {
 /// The router with every route and layer.
 pub fn router(state: Arc<AppState>) -> Router {
     let json_limit = state.json_body_limit();
+    let image_limit = json_limit.saturating_add(crate::runner::invocation::IMAGES_BODY_ALLOWANCE);
     let trace = TraceLayer::new_for_http()
         .make_span_with(|req: &axum::http::Request<_>| {
             let id = req
@@ -109,7 +111,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/status", get(operator::status))
         .route("/admin/sessions", get(operator::sessions))
         .route("/admin/sessions/{id}", delete(operator::close_session))
-        .merge(app_routes(&state.config.settings.cors_origins))
+        .merge(app_routes(&state.config.settings.cors_origins, image_limit))
         .route("/metrics", get(metrics::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .merge(console)
@@ -131,10 +133,24 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// The routes apps call with their tokens: the only ones browser pages from
 /// `CLAWDFORGE_CORS_ORIGINS` may reach (preflights answered, credentials never allowed).
-fn app_routes(cors_origins: &[String]) -> Router<Arc<AppState>> {
+fn app_routes(cors_origins: &[String], image_limit: usize) -> Router<Arc<AppState>> {
     let routes = Router::new()
-        .route("/run", post(runs::run))
+        // Routes taking images: the JSON limit grows by what 8 images at their limit need.
+        .route(
+            "/run",
+            post(runs::run).layer(DefaultBodyLimit::max(image_limit)),
+        )
         .route("/runs/{run_id}/cancel", post(runs::cancel))
+        .route(
+            "/v1/chat/completions",
+            post(v1::chat_completions).layer(DefaultBodyLimit::max(image_limit)),
+        )
+        .route(
+            "/v1/messages",
+            post(v1::messages).layer(DefaultBodyLimit::max(image_limit)),
+        )
+        .route("/v1/models", get(v1::list_models))
+        .route("/v1/models/{id}", get(v1::get_model))
         .route("/sessions", get(sessions::list).post(sessions::create))
         .route("/sessions/{id}", get(sessions::get).delete(sessions::close))
         .route("/sessions/{id}/turn", post(sessions::turn))

@@ -295,6 +295,41 @@ pub fn console_sign_out() {}
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub fn metrics() {}
 
+// ---- Drop-in routes for the official SDKs: their bodies are the OpenAI and Anthropic
+// wire formats (documented by those APIs; see the README for what is mapped, ignored and
+// refused), so they are described here as objects, and their answers carry no `ok`.
+
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "sdk", security(("app" = [])),
+    description = "OpenAI Chat Completions. Auth: `Authorization: Bearer` or `x-api-key`. With `\"stream\": true`: `data: {chat.completion.chunk}` events, then `data: [DONE]`. Errors: `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
+    request_body(content = Object, description = "An OpenAI chat completion request."),
+    responses(
+        (status = 200, description = "A `chat.completion` (or its SSE chunks).", content((Object = "application/json"), (String = "text/event-stream"))),
+        (status = 400, body = Object), (status = 401, body = Object), (status = 402, body = Object),
+        (status = 403, body = Object), (status = 413, body = Object), (status = 429, body = Object),
+        (status = 502, body = Object), (status = 504, body = Object)))]
+pub fn chat_completions() {}
+
+#[utoipa::path(post, path = "/v1/messages", tag = "sdk", security(("app" = [])),
+    description = "Anthropic Messages. Auth: `x-api-key` or `Authorization: Bearer`. With `\"stream\": true`: Anthropic's event sequence (`message_start` … `message_stop`). Errors: `{\"type\": \"error\", \"error\": {\"type\", \"message\", \"code\"}}`.",
+    request_body(content = Object, description = "An Anthropic messages request."),
+    responses(
+        (status = 200, description = "A `message` (or its SSE events).", content((Object = "application/json"), (String = "text/event-stream"))),
+        (status = 400, body = Object), (status = 401, body = Object), (status = 402, body = Object),
+        (status = 403, body = Object), (status = 413, body = Object), (status = 429, body = Object),
+        (status = 502, body = Object), (status = 504, body = Object)))]
+pub fn messages() {}
+
+#[utoipa::path(get, path = "/v1/models", tag = "sdk", security(("app" = [])),
+    description = "The token's `allowed_models`, else `CLAWDFORGE_MODELS`: Anthropic's list shape with an `anthropic-version` header, else OpenAI's.",
+    responses((status = 200, body = Object), (status = 401, body = Object)))]
+pub fn list_models() {}
+
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "sdk", security(("app" = [])),
+    params(("id" = String, Path, description = "A model id from the list.")),
+    description = "One listed model (shape as for the list); an unlisted id is 404.",
+    responses((status = 200, body = Object), (status = 401, body = Object), (status = 404, body = Object)))]
+pub fn get_model() {}
+
 #[utoipa::path(get, path = "/openapi.json", tag = "ops",
     description = "This document. No token; the IP allowlist applies.",
     responses((status = 200, body = Object), (status = 403, body = ErrorBody)))]
@@ -337,7 +372,8 @@ impl Modify for Bearers {
           get_session, close_session, turn, cancel_turn, usage, mint_token, list_tokens,
           patch_token, rotate_token, revoke_token, audit, admin_usage, admin_status,
           admin_sessions, admin_close_session, console_sign_in, console_session,
-          console_sign_out, metrics, openapi),
+          console_sign_out, metrics, openapi, chat_completions, messages, list_models,
+          get_model),
     components(schemas(ErrorBody, ErrorCode, Envelope, Empty, Policy, PolicyPatch, Totals,
                        LedgerRow, AuditRow, DayUsage, MonthUsage, ModelUsage, BudgetState)),
     modifiers(&Bearers)
@@ -365,9 +401,10 @@ pub fn document() -> Value {
     let envelope = serde_json::json!({"$ref": "#/components/schemas/Envelope"});
     if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
         let own = "/openapi.json";
+        // The SDK routes answer in their APIs' own shapes, without `ok`.
         for op in paths
             .iter_mut()
-            .filter(|(path, _)| path.as_str() != own)
+            .filter(|(path, _)| path.as_str() != own && !path.starts_with("/v1/"))
             .filter_map(|(_, op)| op.as_object_mut())
         {
             for op in op.values_mut() {

@@ -7,6 +7,7 @@ use crate::app::AppState;
 use crate::auth::tokens::TokenRecord;
 use crate::error::{ApiError, ApiResult};
 use crate::governance::policy::{valid_model, MODEL_RULE};
+use crate::runner::invocation::{Image, Tools};
 
 /// Default `timeout_secs` of a run or turn.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 120;
@@ -108,4 +109,56 @@ pub fn session_status(status: Option<String>) -> ApiResult<Option<String>> {
         Some("open" | "closed") => Ok(status),
         Some(_) => Err(ApiError::bad_request("status must be open or closed")),
     }
+}
+
+/// The tools a run gets: those asked for, else the token's `allowed_tools`, else the
+/// built-in set; asking for more than the token allows is 403.
+pub fn tools(token: &TokenRecord, asked: Option<Tools>) -> ApiResult<Tools> {
+    let allowed = token.policy.allowed_tools.clone();
+    let Some(asked) = asked.map(Tools::normalised) else {
+        return Ok(allowed.unwrap_or(Tools::DEFAULT));
+    };
+    match &allowed {
+        Some(allowed) if !asked.within(allowed) => Err(ApiError::Forbidden(
+            "this token may not use the tools asked for (see its allowed_tools)".into(),
+        )),
+        _ => Ok(asked),
+    }
+}
+
+/// A JSON Schema is an object; it travels in argv, and it counts toward the prompt limit
+/// together with the prompt's `prompt_bytes`.
+pub fn json_schema(
+    state: &AppState,
+    schema: Option<serde_json::Value>,
+    prompt_bytes: usize,
+) -> ApiResult<Option<serde_json::Value>> {
+    let Some(schema) = schema else {
+        return Ok(None);
+    };
+    if !schema.is_object() {
+        return Err(ApiError::bad_request("json_schema must be a JSON object"));
+    }
+    let len = schema.to_string().len();
+    if len > SYSTEM_MAX_BYTES {
+        return Err(ApiError::TooLarge(format!(
+            "json_schema is {len} bytes; the limit is {SYSTEM_MAX_BYTES}"
+        )));
+    }
+    let max = state.config.settings.max_prompt_bytes;
+    if len + prompt_bytes > max {
+        return Err(ApiError::TooLarge(format!(
+            "prompt and json_schema are {} bytes together; the limit is {max}",
+            len + prompt_bytes
+        )));
+    }
+    Ok(Some(schema))
+}
+
+/// Images as (media type, base64) pairs: at most 8, each checked by [`Image::parse`].
+pub fn images<'a>(
+    images: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+) -> ApiResult<Vec<Image>> {
+    Image::check_count(images.len())?;
+    images.map(|(t, d)| Image::parse(t, d)).collect()
 }

@@ -17,6 +17,7 @@ use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiJson, ApiPath, AppCaller};
 use crate::http::{ok, params};
+use crate::runner::invocation::Tools;
 use crate::runner::{self, RunInput};
 use crate::supervise::{self, Sink, SINK_CAPACITY, STALL_GRACE};
 
@@ -29,6 +30,24 @@ pub struct RunBody {
     pub files: Option<Vec<String>>,
     pub timeout_secs: Option<u64>,
     pub stream: Option<bool>,
+    /// `"none"`, `"default"` or built-in tool names; none named: the token's
+    /// `allowed_tools` (else `"default"`).
+    #[schema(value_type = Option<Object>)]
+    pub tools: Option<Tools>,
+    /// A JSON Schema object: `result` is then the structured output (an object).
+    #[schema(value_type = Option<Object>)]
+    pub json_schema: Option<Value>,
+    /// At most 8 images, each at most 5 MiB decoded.
+    pub images: Option<Vec<ImageBody>>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageBody {
+    /// image/png, image/jpeg, image/gif or image/webp.
+    pub media_type: String,
+    /// The image's bytes in base64.
+    pub data: String,
 }
 
 /// The header naming a run's id, so a streaming client can cancel it before its answer
@@ -41,12 +60,23 @@ pub async fn run(
     headers: HeaderMap,
     ApiJson(body): ApiJson<RunBody>,
 ) -> ApiResult<Response> {
+    let prompt = params::prompt(&state, body.prompt)?;
+    let json_schema = params::json_schema(&state, body.json_schema, prompt.len())?;
+    let images = body.images.unwrap_or_default();
     let input = RunInput {
-        prompt: params::prompt(&state, body.prompt)?,
         model: params::model(&state, &caller.token, body.model)?,
         system: params::system(body.system)?,
         files: params::files(body.files)?,
         timeout: params::timeout(&state, body.timeout_secs)?,
+        tools: params::tools(&caller.token, body.tools)?,
+        images: params::images(
+            images
+                .iter()
+                .map(|i| (i.media_type.as_str(), i.data.as_str())),
+        )?,
+        json_schema,
+        prompt,
+        kind: "run",
     };
     let streaming = params::wants_stream(body.stream, &headers);
     let prepared = state.runner.prepare(&caller.token, input).await?;
@@ -95,42 +125,58 @@ where
 {
     let (out_tx, out_rx) = mpsc::channel::<Event>(SINK_CAPACITY);
     tokio::spawn(async move {
-        let (sink, mut lines) = Sink::channel();
-        let work = tokio::spawn(work(sink));
-        loop {
-            tokio::select! {
-                v = lines.recv() => match v {
-                    Some(v) => {
-                        let sent = tokio::time::timeout(STALL_GRACE, out_tx.send(sse(event, &v)));
-                        if !matches!(sent.await, Ok(Ok(()))) {
-                            break;
-                        }
-                    }
-                    None => break,
-                },
-                _ = out_tx.closed() => break,
-            }
-        }
-        // Dropping the receiver closes the sink the work holds.
-        drop(lines);
-        let last = match work.await {
-            Ok(Ok(answer)) => sse(
+        let result = forward_lines(&out_tx, |v| vec![sse(event, &v)], work).await;
+        let last = match result {
+            Ok(answer) => sse(
                 "result",
                 &serde_json::to_value(ok(answer).0).unwrap_or(Value::Null),
             ),
-            Ok(Err(e)) => sse(
-                "error",
-                &serde_json::to_value(e.body()).unwrap_or(Value::Null),
-            ),
             Err(e) => sse(
                 "error",
-                &serde_json::to_value(ApiError::internal(format!("work task failed: {e}")).body())
-                    .unwrap_or(Value::Null),
+                &serde_json::to_value(e.body()).unwrap_or(Value::Null),
             ),
         };
         let _ = tokio::time::timeout(STALL_GRACE, out_tx.send(last)).await;
     });
     sse_response(out_rx).into_response()
+}
+
+/// Runs `work` on its own task with a sink of JSON lines, sending the events `map` makes
+/// of each line (none, one or more) to `out`, and returns the work's result. A client that
+/// hangs up, or stops reading for longer than `STALL_GRACE`, ends the forwarding, which
+/// closes the sink and tells the work to stop.
+pub async fn forward_lines<T, F, Fut>(
+    out: &mpsc::Sender<Event>,
+    mut map: impl FnMut(Value) -> Vec<Event>,
+    work: F,
+) -> ApiResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Sink) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ApiResult<T>> + Send + 'static,
+{
+    let (sink, mut lines) = Sink::channel();
+    let work = tokio::spawn(work(sink));
+    'lines: loop {
+        tokio::select! {
+            v = lines.recv() => match v {
+                Some(v) => for e in map(v) {
+                    let sent = tokio::time::timeout(STALL_GRACE, out.send(e));
+                    if !matches!(sent.await, Ok(Ok(()))) {
+                        break 'lines;
+                    }
+                },
+                None => break,
+            },
+            _ = out.closed() => break,
+        }
+    }
+    // Dropping the receiver closes the sink the work holds.
+    drop(lines);
+    match work.await {
+        Ok(result) => result,
+        Err(e) => Err(ApiError::internal(format!("work task failed: {e}"))),
+    }
 }
 
 pub fn sse(event: &str, data: &Value) -> Event {

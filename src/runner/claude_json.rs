@@ -17,6 +17,8 @@ pub struct CliResult {
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
     pub errors: Vec<String>,
+    /// What the model gave the CLI's `StructuredOutput` tool (runs with `--json-schema`).
+    pub structured_output: Option<Value>,
 }
 
 impl CliResult {
@@ -31,6 +33,7 @@ impl CliResult {
             input_tokens: None,
             output_tokens: None,
             errors: Vec::new(),
+            structured_output: None,
         }
     }
 }
@@ -67,7 +70,28 @@ pub fn result_of(v: &Value) -> Option<CliResult> {
                     .collect()
             })
             .unwrap_or_default(),
+        structured_output: v
+            .get("structured_output")
+            .filter(|s| s.is_object())
+            .cloned(),
     })
+}
+
+/// For a run with a JSON Schema: the answer must be the structured output (the CLI reports
+/// success with plain text when the model never called its `StructuredOutput` tool), and
+/// it ended the turn (the CLI says `tool_use`, having answered that tool itself).
+pub fn structured(mut r: CliResult, wanted: bool) -> Result<CliResult, ApiError> {
+    if !wanted {
+        return Ok(r);
+    }
+    let Some(out) = &r.structured_output else {
+        return Err(ApiError::Upstream(
+            "the model answered without the structured output the json_schema asks for".into(),
+        ));
+    };
+    r.text = Some(out.to_string());
+    r.stop_reason = Some("end_turn".into());
+    Ok(r)
 }
 
 /// Removes one Markdown code fence surrounding the whole text (```` ```json ```` or bare

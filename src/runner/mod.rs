@@ -5,9 +5,9 @@
 //! before the answer leaves.
 
 pub mod claude_json;
+pub mod invocation;
 pub mod warm;
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,16 +27,35 @@ use crate::supervise::{
     WarmPoolUse,
 };
 use crate::util::new_id;
+use invocation::{Fixed, Image, Tools};
 use warm::WarmPool;
 
-/// A validated `/run` request.
+/// A validated `/run` request (or an SDK request mapped to one).
 #[derive(Debug, Clone)]
 pub struct RunInput {
     pub prompt: String,
     pub model: String,
+    /// `Some("")` replaces Claude Code's own system prompt with nothing.
     pub system: Option<String>,
     pub files: Vec<String>,
     pub timeout: Duration,
+    pub tools: Tools,
+    pub json_schema: Option<Value>,
+    pub images: Vec<Image>,
+    /// The audit kind: `run`, or `chat` for the SDK routes.
+    pub kind: &'static str,
+}
+
+impl RunInput {
+    /// What the process is fixed to at spawn, which is also the warm pool's key.
+    pub fn fixed(&self) -> Fixed {
+        Fixed {
+            model: self.model.clone(),
+            system: self.system.clone(),
+            tools: self.tools.clone(),
+            json_schema: self.json_schema.as_ref().map(Value::to_string),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -49,6 +68,10 @@ pub struct Usage {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RunAnswer {
     pub run_id: String,
+    /// The CLI's answer text as it came (the structured output's JSON text for a schema
+    /// run), for the SDK routes' message content.
+    #[serde(skip)]
+    pub text: String,
     /// The answer: JSON when it parses as JSON (a surrounding Markdown fence removed), else
     /// the CLI's text.
     pub result: Value,
@@ -147,11 +170,7 @@ async fn prepare(
 ) -> Result<Prepared, ApiError> {
     let admission = state.admitter.admit(token, &input.model).await?;
     let token_id = token.id.as_str();
-    let key = warm::Key {
-        model: input.model.clone(),
-        system: input.system.clone(),
-    };
-    let (run_id, dir, warm) = match state.warm.take(&key) {
+    let (run_id, dir, warm) = match state.warm.take(&input.fixed()) {
         Some(w) => (w.run_id, w.dir, Some(w.proc)),
         None => {
             let run_id = new_id("run_");
@@ -165,7 +184,7 @@ async fn prepare(
         .supervisor
         .stage_and_audit(Staging {
             token_id,
-            kind: "run",
+            kind: input.kind,
             model: &input.model,
             subject: &run_id,
             prompt: &input.prompt,
@@ -191,38 +210,12 @@ async fn prepare(
     })
 }
 
-/// The argv after the program: prompt on stdin, never here. `--flag=value` keeps a value
-/// that starts with `-` from being read as a flag.
-fn claude_args(input: &RunInput, streaming: bool) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["-p".into()];
-    if streaming {
-        args.extend([
-            "--output-format".into(),
-            "stream-json".into(),
-            "--verbose".into(),
-        ]);
-    } else {
-        args.extend(["--output-format".into(), "json".into()]);
-    }
-    args.extend(model_and_system_args(&input.model, input.system.as_deref()));
-    args
-}
-
-/// Flags shared by cold and warm runs. `--flag=value` keeps a value that starts with `-`
-/// from being read as a flag; one-shot runs need no resumable transcript on disk.
-pub fn model_and_system_args(model: &str, system: Option<&str>) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec![format!("--model={model}").into()];
-    if let Some(system) = system {
-        args.push(format!("--system-prompt={system}").into());
-    }
-    args.push("--no-session-persistence".into());
-    args
-}
-
 /// What a run's `claude` printed, folded as it arrives: the `result` object decides the
 /// answer; with a streaming client every JSON line is forwarded.
 struct ClaudeFold {
     streaming: bool,
+    /// A `json_schema` run: its answer must be the structured output.
+    schema: bool,
     result: Option<claude_json::CliResult>,
 }
 
@@ -242,6 +235,7 @@ impl Fold for ClaudeFold {
     fn exited(&self, exit_code: Option<i32>, stderr: &str) -> Result<Outcome, ApiError> {
         let now_secs = crate::util::now_ms() / 1000;
         claude_json::answer_or_error(self.result.clone(), exit_code, stderr, now_secs)
+            .and_then(|r| claude_json::structured(r, self.schema))
             .map(|_| Outcome::Ok)
     }
 
@@ -273,33 +267,35 @@ pub async fn execute(
         Some(mut proc) => {
             // One stream-json user message; stdin stays open until the result line, then
             // closes, which ends the process.
-            let message = serde_json::json!({
-                "type": "user",
-                "message": {"role": "user", "content": prompt},
-            });
-            if let Err(e) = proc.write_line(message.to_string().as_bytes()).await {
+            let message = invocation::user_message(&prompt, &p.input.images);
+            if let Err(e) = proc.write_line(message.as_bytes()).await {
                 tracing::warn!(error = %e, "a warm claude did not take its prompt");
             }
             Child::Started(Box::new(proc))
         }
-        None => Child::Spawn {
-            spec: Spec {
-                program: state.config.settings.claude_bin.clone(),
-                args: claude_args(&p.input, sink.is_some()),
-                cwd: p.dir.0.clone(),
-                env: child_env(&state.config),
-                max_output: state.config.settings.max_output_bytes,
-                owns_dir: Some(p.dir.0.clone()),
-                audit_id: Some(p.audit.id),
-            },
-            stdin: prompt,
-        },
+        None => {
+            let (args, stdin) =
+                invocation::cold(&p.input.fixed(), &prompt, &p.input.images, sink.is_some());
+            Child::Spawn {
+                spec: Spec {
+                    program: state.config.settings.claude_bin.clone(),
+                    args,
+                    cwd: p.dir.0.clone(),
+                    env: child_env(&state.config),
+                    max_output: state.config.settings.max_output_bytes,
+                    owns_dir: Some(p.dir.0.clone()),
+                    audit_id: Some(p.audit.id),
+                },
+                stdin,
+            }
+        }
     };
     let job = Job {
         kind: Kind::Run,
         child,
         fold: ClaudeFold {
             streaming: sink.is_some(),
+            schema: p.input.json_schema.is_some(),
             result: None,
         },
         timeout: p.input.timeout,
@@ -313,10 +309,9 @@ pub async fn execute(
         state.warm.invalidate();
     }
     ended.result?;
-    let r = ended
-        .fold
-        .result
-        .unwrap_or_else(claude_json::CliResult::empty);
+    let r = ended.fold.result.unwrap_or_else(claude_json::CliResult::empty);
+    // Judged already: a schema run that got here has its structured output.
+    let r = claude_json::structured(r.clone(), p.input.json_schema.is_some()).unwrap_or(r);
     let (text, stop_reason) = match ended.outcome {
         Outcome::Cancelled => (String::new(), "cancelled".to_string()),
         _ => (
@@ -324,9 +319,14 @@ pub async fn execute(
             r.stop_reason.clone().unwrap_or_else(|| "end_turn".into()),
         ),
     };
+    let result = match (&r.structured_output, ended.outcome) {
+        (Some(out), Outcome::Ok) => out.clone(),
+        _ => claude_json::answer_value(&text),
+    };
     Ok(RunAnswer {
         run_id: p.run_id.clone(),
-        result: claude_json::answer_value(&text),
+        result,
+        text,
         duration_ms: ended.duration_ms,
         stop_reason,
         model: p.input.model.clone(),

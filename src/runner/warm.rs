@@ -1,9 +1,9 @@
 //! The warm pool: `claude -p --input-format stream-json` processes started ahead of time,
 //! each in its own staged run dir and process group, waiting on stdin. A `/run` whose
-//! (model, system prompt) matches an idle one skips the CLI's ~0.6 s start-up.
+//! (model, system prompt, tools, schema) matches an idle one skips the CLI's ~0.6 s start-up.
 //!
 //! Which combinations are kept, `CLAWDFORGE_WARM_POOL` processes in total: one each for the
-//! most recently requested other (model, system prompt) combinations (at most size - 1),
+//! most recently requested other combinations (at most size - 1),
 //! and all the rest for the default model with no system prompt.
 //! Idle processes hold no admission slot; they are replaced after
 //! `CLAWDFORGE_WARM_MAX_IDLE_SECS`, when the CLI probe changes (version or login), when one
@@ -13,7 +13,6 @@
 //! started in.
 
 use std::collections::VecDeque;
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,12 +29,8 @@ use crate::util::new_id;
 /// How often idle processes are checked for having died.
 const HEALTH_CHECK: Duration = Duration::from_secs(5);
 
-/// What a warm process is fixed to at spawn.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Key {
-    pub model: String,
-    pub system: Option<String>,
-}
+/// What a warm process is fixed to at spawn (model, system prompt, tools, schema).
+pub type Key = super::invocation::Fixed;
 
 /// A pre-started process, not yet given a prompt.
 pub struct Warm {
@@ -101,6 +96,8 @@ impl WarmPool {
         Key {
             model: self.config.settings.default_model.clone(),
             system: None,
+            tools: super::invocation::Tools::DEFAULT,
+            json_schema: None,
         }
     }
 
@@ -256,21 +253,7 @@ impl WarmPool {
         let run_id = new_id("run_");
         let dir = self.config.runs_dir.join(&run_id);
         tokio::fs::create_dir_all(&dir).await?;
-        let mut args: Vec<OsString> = [
-            "-p",
-            "--input-format",
-            "stream-json",
-            "--output-format",
-            "stream-json",
-            "--verbose",
-        ]
-        .iter()
-        .map(OsString::from)
-        .collect();
-        args.extend(super::model_and_system_args(
-            &key.model,
-            key.system.as_deref(),
-        ));
+        let args = super::invocation::warm_args(key);
         let spec = Spec {
             program: self.config.settings.claude_bin.clone(),
             args,

@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::harness::{body, eventually, TestServer};
-use crate::harness::{records, run};
+use crate::harness::{patch, records, run};
 
 /// `POST /run`, answered as the raw response (for its headers).
 async fn post_run(s: &TestServer, token: &str, b: Value) -> reqwest::Response {
@@ -17,17 +17,6 @@ async fn post_run(s: &TestServer, token: &str, b: Value) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-async fn patch(s: &TestServer, id: &str, b: Value) -> (u16, Value) {
-    body(
-        s.admin(Method::PATCH, &format!("/admin/tokens/{id}"))
-            .json(&b)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
 }
 
 async fn get(s: &TestServer, bearer: &str, path: &str) -> (u16, Value) {
@@ -908,6 +897,10 @@ const API_ROUTES: &[(&str, &str)] = &[
     ("get", "/usage"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
+    ("post", "/v1/chat/completions"),
+    ("post", "/v1/messages"),
+    ("get", "/v1/models"),
+    ("get", "/v1/models/{id}"),
 ];
 
 /// Every error code of `shared/API.md`'s status table and the text beside it.

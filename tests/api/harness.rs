@@ -692,3 +692,23 @@ pub async fn stream_run(s: &TestServer, token: &str, b: Value) -> reqwest::Respo
         .await
         .unwrap()
 }
+
+/// PATCHes a token's policy with the admin bearer.
+pub async fn patch(s: &TestServer, id: &str, b: Value) -> (u16, Value) {
+    body(
+        s.admin(Method::PATCH, &format!("/admin/tokens/{id}"))
+            .json(&b)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// A 1×1 PNG, for the image tests.
+pub const PNG: &[u8] = b"\x89\x50\x4e\x47\x0d\x0a\x1a\x0a\x00\x00\x00\x0d\x49\x48\x44\x52\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89\x00\x00\x00\x0d\x49\x44\x41\x54\x78\xda\x63\x64\x60\xf8\x5f\x0f\x00\x02\x87\x01\x80\xeb\x47\xba\x92\x00\x00\x00\x00\x49\x45\x4e\x44\xae\x42\x60\x82";
+
+pub fn b64(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}

@@ -2,7 +2,9 @@
 //! `python test` runs (bash, python3) against a live server with the stub CLIs, reading
 //! `CLAWDFORGE_URL`, `ADMIN_BOOTSTRAP_TOKEN` and `TOKEN` from the environment as a person
 //! pasting it would. It must exit 0, and when an `output` block follows it, print that
-//! output, where `…` stands for any text (ids, timings, fields not shown).
+//! output, where `…` stands for any text (ids, timings, fields not shown). Blocks marked
+//! `python test sdk` run in .venv-tests, which holds the pinned official `openai` and
+//! `anthropic` SDKs (scripts/install-sdk-tests.sh).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -15,6 +17,8 @@ const HERBS: &str = r#"["basil","thyme","sage"]"#;
 #[derive(Debug)]
 struct Snippet {
     lang: String,
+    /// Needs the official SDKs (runs in .venv-tests).
+    sdk: bool,
     code: String,
     /// The `output` block after it, if any.
     expected: Option<String>,
@@ -40,6 +44,7 @@ fn snippets(markdown: &str) -> Vec<Snippet> {
         match words.as_slice() {
             [lang, rest @ ..] if rest.contains(&"test") => out.push(Snippet {
                 lang: lang.to_string(),
+                sdk: rest.contains(&"sdk"),
                 code: body,
                 expected: None,
                 line: n + 1,
@@ -118,9 +123,11 @@ async fn readme_snippets_run_against_a_live_server() {
     let (_, token) = s.mint("readme").await;
 
     for snippet in &found {
+        let venv = repo_root().join(".venv-tests/bin/python");
         let (program, flag) = match snippet.lang.as_str() {
-            "sh" => ("bash", "-c"),
-            "python" => ("python3", "-c"),
+            "sh" => ("bash".as_ref(), "-c"),
+            "python" if snippet.sdk => (venv.as_os_str(), "-c"),
+            "python" => ("python3".as_ref(), "-c"),
             other => panic!("README line {}: no runner for {other}", snippet.line),
         };
         let run = tokio::process::Command::new(program)

@@ -363,14 +363,20 @@ async fn streaming_forwards_lines_then_the_same_result() {
         .starts_with("text/event-stream"));
     let events = sse_events(res).await;
     let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    // init, three token deltas (`--include-partial-messages`), assistant, result line.
     assert_eq!(
         names,
-        ["claude", "claude", "claude", "result"],
+        [&["claude"; 6][..], &["result"]].concat(),
         "{events:?}"
     );
     assert_eq!(events[0].1["type"], "system");
-    assert_eq!(events[2].1["type"], "result");
-    let streamed = &events[3].1;
+    let deltas: String = events[1..4]
+        .iter()
+        .map(|(_, v)| v["event"]["delta"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, r#"{"x":1}"#);
+    assert_eq!(events[5].1["type"], "result");
+    let streamed = &events[6].1;
     let (_, plain) = run(&s, &t, json!({"prompt": "@stub:result={\"x\":1}"})).await;
     let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(streamed), keys(&plain));

@@ -161,8 +161,8 @@ cl 'hi' -p
 expect "text output by default" 'rc == 0 and out == "echo: hi\n"'
 
 cl 'streamed' -p --output-format stream-json --verbose --include-partial-messages
-expect "stream-json: init, stream_event, assistant, result" \
-  'rc == 0 and [o["type"] for o in objs] == ["system", "stream_event", "assistant", "result"] and objs[0]["subtype"] == "init" and objs[2]["message"]["content"][0]["text"] == "echo: streamed" and last["result"] == "echo: streamed"'
+expect "stream-json: init, three stream_events, assistant, result" \
+  'rc == 0 and [o["type"] for o in objs] == ["system"] + ["stream_event"] * 3 + ["assistant", "result"] and objs[0]["subtype"] == "init" and "".join(o["event"]["delta"]["text"] for o in objs[1:4]) == "echo: streamed" and objs[4]["message"]["content"][0]["text"] == "echo: streamed" and last["result"] == "echo: streamed"'
 
 cl 'x' -p --output-format stream-json
 expect "stream-json without --verbose is refused" 'rc == 1 and "--verbose" in err'
