@@ -448,3 +448,108 @@ async fn probe_children_die_with_the_server() {
         eventually("a probe child died with its server", || !alive(pid)).await;
     }
 }
+
+/// `promtool check metrics` on `text`: its exit status and what it said.
+fn promtool(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/test.sh installs Debian's prometheus package)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+#[tokio::test]
+async fn metrics_negotiate_their_format_and_both_pass_promtool() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    // Something in every family: a run (counters, histogram) and a refused request.
+    let (st, _) = s.post_json(&t, "/run", &json!({"prompt": "hi"})).await;
+    assert_eq!(st, 200);
+    let scrape = |accept: Option<&'static str>| {
+        let mut req = s.admin(Method::GET, "/metrics");
+        if let Some(a) = accept {
+            req = req.header("accept", a);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            let ct = res.headers()["content-type"].to_str().unwrap().to_string();
+            (ct, res.text().await.unwrap())
+        }
+    };
+    let (ct, text) = scrape(None).await;
+    assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(!text.contains("# EOF"));
+    assert!(
+        text.contains("# TYPE clawdforge_http_requests_total counter"),
+        "{text}"
+    );
+    let (ok, said) = promtool(&text);
+    assert!(ok, "promtool on the text format: {said}\n{text}");
+
+    // What Prometheus itself sends.
+    let (ct, text) = scrape(Some(
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    ))
+    .await;
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    assert!(text.ends_with("# EOF\n"));
+    // promtool 2.42 (Debian's) parses only the text format: it reads this answer without a
+    // parse error, and its only findings are the counters' HELP, which OpenMetrics gives
+    // the family (`x`) and the text format the sample (`x_total`).
+    let (_, said) = promtool(&text);
+    for finding in said.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            finding.ends_with("_total no help text"),
+            "promtool on OpenMetrics: {said}\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn openapi_states_the_real_bounds() {
+    let s = TestServer::start_with(|c| c.settings.max_timeout_secs = 300).await;
+    let res = s.req(Method::GET, "/openapi.json").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let doc: Value = res.json().await.unwrap();
+    let schemas = &doc["components"]["schemas"];
+    for body in ["RunBody", "TurnBody"] {
+        let t = &schemas[body]["properties"]["timeout_secs"];
+        assert_eq!(
+            (t["minimum"].as_u64(), t["maximum"].as_u64()),
+            (Some(1), Some(300)),
+            "{body}: {t}"
+        );
+    }
+    let ttl = &schemas["UploadForm"]["properties"]["ttl_secs"];
+    assert_eq!(
+        (ttl["minimum"].as_u64(), ttl["maximum"].as_u64()),
+        (Some(60), Some(86400)),
+        "{ttl}"
+    );
+    let metrics = &doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"];
+    assert!(
+        metrics.get("text/plain; version=0.0.4").is_some(),
+        "{metrics}"
+    );
+    assert!(
+        metrics.get("application/openmetrics-text").is_some(),
+        "{metrics}"
+    );
+}
