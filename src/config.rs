@@ -144,6 +144,9 @@ impl PolicyFlags {
             default_model: self.default_model.map(Some),
             session_permissions: self.session_permissions.map(Some),
             expires_at: self.expires_at.map(Some),
+            // Set through the admin API (mint body or PATCH); no flags of their own.
+            max_open_sessions: None,
+            max_upload_bytes_stored: None,
         }
     }
 }

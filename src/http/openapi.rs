@@ -395,6 +395,7 @@ mod tests {
                 retry_after_secs: 1,
             },
             ApiError::TokenOverloaded { limit: 1 },
+            ApiError::TooManySessions { limit: 1 },
             ApiError::RateLimited {
                 retry_after_secs: 1,
             },

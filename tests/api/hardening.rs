@@ -553,3 +553,96 @@ async fn openapi_states_the_real_bounds() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn max_open_sessions_bounds_post_sessions() {
+    let s = TestServer::start().await;
+    let (id, t) = s
+        .mint_with(json!({"name": "few", "max_open_sessions": 1}))
+        .await;
+    let (st, first) = s.post_json(&t, "/sessions", &json!({})).await;
+    assert_eq!(st, 201, "{first}");
+    let res = s
+        .app(&t, Method::POST, "/sessions")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.headers().contains_key("retry-after"));
+    let (st, v) = crate::harness::body(res).await;
+    assert_eq!((st, v["code"].as_str()), (429, Some("overloaded")), "{v}");
+    let sessions: i64 = s
+        .db()
+        .query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(sessions, 1, "the refused one left no row");
+    // A closed session no longer counts.
+    let sid = first["session_id"].as_str().unwrap();
+    let res = s
+        .app(&t, Method::DELETE, &format!("/sessions/{sid}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(s.post_json(&t, "/sessions", &json!({})).await.0, 201);
+    // PATCH: omitted keeps, null clears.
+    let patch = |body: Value| {
+        s.admin(Method::PATCH, &format!("/admin/tokens/{id}"))
+            .json(&body)
+            .send()
+    };
+    let (_, v) = crate::harness::body(patch(json!({"rate_per_min": 100})).await.unwrap()).await;
+    assert_eq!(v["max_open_sessions"], 1);
+    assert_eq!(s.post_json(&t, "/sessions", &json!({})).await.0, 429);
+    let (_, v) =
+        crate::harness::body(patch(json!({"max_open_sessions": null})).await.unwrap()).await;
+    assert_eq!(v["max_open_sessions"], Value::Null);
+    assert_eq!(s.post_json(&t, "/sessions", &json!({})).await.0, 201);
+    let (st, _) = crate::harness::body(patch(json!({"max_open_sessions": 0})).await.unwrap()).await;
+    assert_eq!(st, 400);
+}
+
+#[tokio::test]
+async fn max_upload_bytes_stored_bounds_what_a_token_keeps() {
+    let s = TestServer::start().await;
+    let (id, t) = s
+        .mint_with(json!({"name": "small", "max_upload_bytes_stored": 100}))
+        .await;
+    let upload = |n: usize| {
+        let form = reqwest::multipart::Form::new().part(
+            "file",
+            reqwest::multipart::Part::bytes(vec![b'x'; n]).file_name("f.bin"),
+        );
+        s.app(&t, Method::POST, "/files").multipart(form).send()
+    };
+    let files = || -> i64 {
+        s.db()
+            .query_row("SELECT count(*) FROM files", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(crate::harness::body(upload(60).await.unwrap()).await.0, 201);
+    let (st, v) = crate::harness::body(upload(50).await.unwrap()).await;
+    assert_eq!((st, v["code"].as_str()), (413, Some("too_large")), "{v}");
+    assert_eq!(files(), 1, "nothing kept of the refused upload");
+    // Exactly at the quota is accepted; then nothing more fits.
+    assert_eq!(crate::harness::body(upload(40).await.unwrap()).await.0, 201);
+    let (st, v) = crate::harness::body(upload(1).await.unwrap()).await;
+    assert_eq!((st, v["code"].as_str()), (413, Some("too_large")), "{v}");
+    assert_eq!(files(), 2);
+    let uploads = std::fs::read_dir(&s.state.config.uploads_dir)
+        .unwrap()
+        .count();
+    assert_eq!(uploads, 2, "no bytes of refused uploads kept");
+    // Cleared with null: any number again (up to CLAWDFORGE_MAX_UPLOAD_BYTES each).
+    let res = s
+        .admin(Method::PATCH, &format!("/admin/tokens/{id}"))
+        .json(&json!({"max_upload_bytes_stored": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        crate::harness::body(upload(500).await.unwrap()).await.0,
+        201
+    );
+}
