@@ -299,18 +299,24 @@ async fn sigterm_with_slow_sockets_open_does_not_wait_for_them() {
     }
 }
 
-#[test]
-fn a_second_server_on_the_same_data_dir_refuses_naming_the_holder() {
-    let dir = tempfile::tempdir().unwrap();
-    let served = crate::binary::serve(dir.path(), &[]);
-    let out = crate::binary::bin()
-        .env("CLAWDFORGE_DATA_DIR", dir.path())
+/// `clawdforge serve` on `data` with the stub CLIs, run until it exits (for start-ups that
+/// must refuse).
+fn serve_to_the_end(data: &std::path::Path) -> std::process::Output {
+    crate::binary::bin()
+        .env("CLAWDFORGE_DATA_DIR", data)
         .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
         .env("CLAUDE_BIN", crate::harness::stub("claude"))
         .env("ACPX_BIN", crate::harness::stub("acpx"))
         .arg("serve")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_refuses_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = crate::binary::serve(dir.path(), &[]);
+    let out = serve_to_the_end(dir.path());
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -371,14 +377,7 @@ fn a_damaged_database_is_refused_at_start_up_with_the_doctors_fix() {
         bytes[start..end].fill(0);
     }
     std::fs::write(&db, &bytes).unwrap();
-    let out = crate::binary::bin()
-        .env("CLAWDFORGE_DATA_DIR", dir.path())
-        .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
-        .env("CLAUDE_BIN", crate::harness::stub("claude"))
-        .env("ACPX_BIN", crate::harness::stub("acpx"))
-        .arg("serve")
-        .output()
-        .unwrap();
+    let out = serve_to_the_end(dir.path());
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
