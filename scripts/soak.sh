@@ -17,7 +17,9 @@
 #
 # Settings: SOAK_SECS (600), SOAK_SAMPLE_SECS (60), CLAWDFORGE_MAX_CONCURRENT (4),
 # SOAK_PAUSE (0.05 s between one client's requests), SOAK_MAX_RSS_GROWTH_MB (16),
-# SOAK_MAX_FD_GROWTH (16), SOAK_ONLY (run|stream|upload|get|unauthorized|session|admin:
+# SOAK_MAX_FD_GROWTH (16), SOAK_SLOWLORIS (500 sockets that send a request head one header
+# line every SOAK_SLOWLORIS_EVERY (2) seconds and never finish it, reopened when the server
+# closes them after CLAWDFORGE_HEADER_TIMEOUT_SECS; 0 = off), SOAK_ONLY (run|stream|upload|get|unauthorized|session|admin:
 # one kind of traffic, to find which one grows something). Needs cargo, curl, python3.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,14 +31,18 @@ pause="${SOAK_PAUSE:-0.05}"
 max_rss_growth_kb=$(( ${SOAK_MAX_RSS_GROWTH_MB:-16} * 1024 ))
 max_fd_growth="${SOAK_MAX_FD_GROWTH:-16}"
 clients=$((2 * max_concurrent))
+slowloris="${SOAK_SLOWLORIS:-500}"
+slowloris_every="${SOAK_SLOWLORIS_EVERY:-2}"
 prog=soak
 # shellcheck source=SCRIPTDIR/lib/stub-server.sh
 . scripts/lib/stub-server.sh
 require_tools cargo curl python3
 make_work_dir
 client_pids=()
+slowloris_pid=""
 on_exit() {
   for pid in "${client_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -z "$slowloris_pid" ] || kill "$slowloris_pid" 2>/dev/null || true
 }
 
 echo "soak: building the release binary" >&2
@@ -189,12 +195,19 @@ sample "start, idle"
 
 started="$(date +%s)"
 end=$((started + secs))
+# Slowloris beside the traffic: a bounded number of sockets, on loopback, for the soak's
+# length (scripts/lib/slowloris.py).
+if [ "$slowloris" -gt 0 ]; then
+  python3 scripts/lib/slowloris.py "${base#http://}" "$slowloris" "$slowloris_every" "$end" \
+    >"$work/slowloris.log" 2>&1 &
+  slowloris_pid=$!
+fi
 # The clients outlast the sampler a little, so its last sample is under load too.
 for i in $(seq 1 "$clients"); do
   client "$((end + 5))" "$work/client-$i.log" &
   client_pids+=("$!")
 done
-echo "soak: $clients clients for ${secs}s against $base (max_concurrent $max_concurrent," \
+echo "soak: $clients clients and $slowloris slowloris sockets for ${secs}s against $base (max_concurrent $max_concurrent," \
   "sessions $([ "$sessions" = 1 ] && echo on || echo 'not available')," \
   "metrics $([ "$metrics" = 1 ] && echo on || echo 'not available'))" >&2
 
@@ -206,6 +219,12 @@ while [ "$(date +%s)" -lt "$end" ]; do
 done
 for pid in "${client_pids[@]}"; do wait "$pid" || true; done
 client_pids=()
+if [ -n "$slowloris_pid" ]; then
+  kill -TERM "$slowloris_pid" 2>/dev/null || true
+  wait "$slowloris_pid" || true
+  slowloris_pid=""
+  cat "$work/slowloris.log" >&2
+fi
 # Idle again: what the traffic held should be back.
 sample "end, idle"
 

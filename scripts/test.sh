@@ -9,9 +9,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/install-agents.sh
 
 # Tools the tests use from Debian: curl and ip(8) for the network-namespace test, python3
-# for the stub CLIs. Installed only when missing (CI starts from a bare machine).
+# for the stub CLIs, promtool for the metrics formats. Installed only when missing (CI starts from a bare machine).
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# promtool (Debian's prometheus package) checks /metrics in both of its formats.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -x /usr/bin/python3 ] || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -145,6 +145,9 @@ impl PolicyFlags {
             session_permissions: self.session_permissions.map(Some),
             expires_at: self.expires_at.map(Some),
             allowed_tools: None,
+            // Set through the admin API (mint body or PATCH); no flags of their own.
+            max_open_sessions: None,
+            max_upload_bytes_stored: None,
         }
     }
 }

@@ -34,6 +34,9 @@ pub enum ApiError {
     /// The token's own `max_concurrent` is reached (the server may have room).
     #[error("this token already has {limit} runs or turns in flight; try again when one ends")]
     TokenOverloaded { limit: u32 },
+    /// The token's own `max_open_sessions` is reached.
+    #[error("this token already has {limit} open sessions; close one first")]
+    TooManySessions { limit: u32 },
     #[error("this token's rate limit is reached; try again later")]
     RateLimited { retry_after_secs: u64 },
     #[error("{message}")]
@@ -125,6 +128,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded { .. }
             | ApiError::TokenOverloaded { .. }
+            | ApiError::TooManySessions { .. }
             | ApiError::RateLimited { .. }
             | ApiError::UsageLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream(_) | ApiError::NotLoggedIn(_) | ApiError::OutputTooLarge => {
@@ -150,7 +154,9 @@ impl ApiError {
             ApiError::Busy => "busy",
             ApiError::SessionClosed => "session_closed",
             ApiError::TooLarge(_) => "too_large",
-            ApiError::Overloaded { .. } | ApiError::TokenOverloaded { .. } => "overloaded",
+            ApiError::Overloaded { .. }
+            | ApiError::TokenOverloaded { .. }
+            | ApiError::TooManySessions { .. } => "overloaded",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::UsageLimit { .. } => "usage_limit",
             ApiError::Upstream(_) | ApiError::NotLoggedIn(_) => "upstream_error",
@@ -172,6 +178,9 @@ impl ApiError {
             } => Some((*retry_after_secs).max(1)),
             // Nothing says when one of the token's runs will end; a second is a fair poll.
             ApiError::TokenOverloaded { .. } => Some(1),
+            // Sessions end when their owner closes them or they idle out; a minute is a
+            // fair poll.
+            ApiError::TooManySessions { .. } => Some(60),
             _ => None,
         }
     }

@@ -23,9 +23,55 @@ use crate::governance::usage::Totals;
 use crate::probe::Probes;
 use crate::slots::Slots;
 
-/// The content type of the OpenMetrics text format `prometheus-client` writes (Prometheus
-/// scrapes it natively).
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the OpenMetrics text format `prometheus-client` writes, served when
+/// a scraper's `Accept` asks for it (Prometheus and the official clients do).
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic Prometheus text format, served otherwise.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The OpenMetrics exposition `prometheus-client` writes, rewritten as the classic text
+/// format (0.0.4) for scrapers that did not ask for OpenMetrics. The two differ where a
+/// text parser would lose meaning: an OpenMetrics counter family `x` has samples `x_total`,
+/// and a 0.0.4 parser only types samples whose name the `# TYPE` line names, so counters
+/// are declared as `x_total`; `# UNIT` and `# EOF` do not exist in 0.0.4, and `unknown`
+/// is called `untyped` there.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let described = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match described {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) {
+                    format!("{name}_total")
+                } else {
+                    name.to_string()
+                };
+                let tail = if prefix == "# TYPE " && tail == "unknown" {
+                    "untyped"
+                } else {
+                    tail
+                };
+                out.push_str(&format!("{prefix}{name} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
@@ -322,5 +368,21 @@ impl Collector for LiveGauges {
             MetricType::Counter,
             &tokens,
         )
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::to_prometheus_text;
+
+    #[test]
+    fn counters_are_declared_by_their_sample_name_in_the_text_format() {
+        let om = "# HELP cf_runs Runs.\n# TYPE cf_runs counter\ncf_runs_total{a=\"b\"} 3\n\
+                  # HELP cf_up Up.\n# TYPE cf_up gauge\n# UNIT cf_up_seconds seconds\ncf_up 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP cf_runs_total Runs.\n# TYPE cf_runs_total counter\ncf_runs_total{a=\"b\"} 3\n\
+             # HELP cf_up Up.\n# TYPE cf_up gauge\ncf_up 1\n"
+        );
     }
 }

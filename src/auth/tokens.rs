@@ -52,7 +52,8 @@ pub fn looks_like_app_token(s: &str) -> bool {
 
 const COLUMNS: &str = "id, name, ip_cidrs, created_at, last_used_at, revoked_at,
     budget_usd_per_day, budget_usd_per_month, max_concurrent, rate_per_min, allowed_models,
-    default_model, session_permissions, expires_at, allowed_tools";
+    default_model, session_permissions, expires_at, allowed_tools, max_open_sessions,
+    max_upload_bytes_stored";
 
 fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
     let cidrs: String = row.get(2)?;
@@ -74,6 +75,8 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
                 .and_then(|p| <SessionPermissions as clap::ValueEnum>::from_str(&p, false).ok()),
             expires_at: row.get(13)?,
             allowed_tools: tools.and_then(|t| serde_json::from_str(&t).ok()),
+            max_open_sessions: row.get(15)?,
+            max_upload_bytes_stored: row.get::<_, Option<i64>>(16)?.map(|n| n.max(0) as u64),
         },
         created_at: row.get(3)?,
         last_used_at: row.get(4)?,
@@ -89,7 +92,7 @@ fn write_policy(conn: &Connection, id: &str, p: &Policy) -> rusqlite::Result<usi
         "UPDATE tokens SET ip_cidrs = ?2, budget_usd_per_day = ?3, budget_usd_per_month = ?4,
                 max_concurrent = ?5, rate_per_min = ?6, allowed_models = ?7,
                 default_model = ?8, session_permissions = ?9, expires_at = ?10,
-                allowed_tools = ?11
+                allowed_tools = ?11, max_open_sessions = ?12, max_upload_bytes_stored = ?13
          WHERE id = ?1",
         params![
             id,
@@ -105,6 +108,9 @@ fn write_policy(conn: &Connection, id: &str, p: &Policy) -> rusqlite::Result<usi
             p.allowed_tools
                 .as_ref()
                 .and_then(|t| serde_json::to_string(t).ok()),
+            p.max_open_sessions,
+            p.max_upload_bytes_stored
+                .map(|n| n.min(i64::MAX as u64) as i64),
         ],
     )
 }

@@ -91,6 +91,20 @@ pub async fn find(db: &Db, token_id: &str, file_token: &str) -> Result<FileRecor
     .ok_or_else(|| not_found(file_token))
 }
 
+/// Bytes of `token_id`'s unexpired uploads (what `max_upload_bytes_stored` bounds).
+pub async fn stored_bytes(db: &Db, token_id: &str) -> Result<u64, StoreError> {
+    let owner = token_id.to_string();
+    db.read(move |c| {
+        c.query_row(
+            "SELECT coalesce(sum(size), 0) FROM files WHERE token_id = ?1 AND expires_at > ?2",
+            params![owner, now_ms()],
+            |r| r.get::<_, i64>(0),
+        )
+    })
+    .await
+    .map(|n| n.max(0) as u64)
+}
+
 /// Deletes the caller's file (row and bytes) and records a `file_delete` audit row in the
 /// same transaction.
 pub async fn delete(

@@ -34,6 +34,10 @@ pub struct Policy {
     /// these. `None`: any.
     #[schema(value_type = Option<Object>)]
     pub allowed_tools: Option<Tools>,
+    /// Open sessions at once; `POST /sessions` beyond it answers 429 `overloaded`.
+    pub max_open_sessions: Option<u32>,
+    /// Bytes of this token's unexpired uploads; an upload that would pass it answers 413.
+    pub max_upload_bytes_stored: Option<u64>,
 }
 
 impl Policy {
@@ -98,6 +102,23 @@ impl FromStr for Count {
             .parse::<u64>()
             .map_err(|_| format!("'{s}' is not a whole number"))
             .and_then(Count::try_from)
+    }
+}
+
+/// A positive number of bytes (`max_upload_bytes_stored`), at most what SQLite's integer
+/// holds.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(try_from = "u64")]
+pub struct ByteCount(pub u64);
+
+impl TryFrom<u64> for ByteCount {
+    type Error = String;
+    fn try_from(v: u64) -> Result<Self, String> {
+        if (1..=i64::MAX as u64).contains(&v) {
+            Ok(ByteCount(v))
+        } else {
+            Err(format!("{v} is out of range: use a number of bytes >= 1"))
+        }
     }
 }
 
@@ -247,6 +268,14 @@ pub struct PolicyPatch {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<Object>)]
     pub allowed_tools: Option<Option<Tools>>,
+    /// Open sessions at once, 1..1000000; beyond it POST /sessions answers 429.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 1000000)]
+    pub max_open_sessions: Option<Option<Count>>,
+    /// Bytes of unexpired uploads the token may hold, >= 1; beyond it POST /files is 413.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u64>, minimum = 1)]
+    pub max_upload_bytes_stored: Option<Option<ByteCount>>,
 }
 
 /// Writes a present field into its slot, noting its name.
@@ -333,6 +362,20 @@ impl PolicyPatch {
             Tools::normalised,
             c,
         );
+        put(
+            "max_open_sessions",
+            self.max_open_sessions,
+            &mut p.max_open_sessions,
+            |n| n.0,
+            c,
+        );
+        put(
+            "max_upload_bytes_stored",
+            self.max_upload_bytes_stored,
+            &mut p.max_upload_bytes_stored,
+            |n| n.0,
+            c,
+        );
         if let Some(default) = next
             .default_model
             .as_deref()
@@ -386,6 +429,9 @@ mod tests {
             json!({"expires_at": "tomorrow"}),
             json!({"ip_cidrs": ["10.0.0.0/33"]}),
             json!({"budget": 1}),
+            json!({"max_open_sessions": 0}),
+            json!({"max_upload_bytes_stored": 0}),
+            json!({"max_upload_bytes_stored": -5}),
         ] {
             assert!(patch(bad.clone()).is_err(), "{bad}");
         }

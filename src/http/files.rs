@@ -40,7 +40,20 @@ pub async fn upload(
         .ok_or_else(|| {
             ApiError::bad_request("expected a multipart/form-data body (with a boundary)")
         })?;
-    let max_bytes = state.config.settings.max_upload_bytes;
+    let mut max_bytes = state.config.settings.max_upload_bytes;
+    if let Some(quota) = caller.token.policy.max_upload_bytes_stored {
+        // What is left of the token's quota bounds this upload like the global limit does
+        // (exactly at it is fine). Two uploads racing may both fit the same remainder.
+        let stored = crate::files::stored_bytes(&state.db, &caller.token.id).await?;
+        let left = quota.saturating_sub(stored);
+        if left == 0 {
+            return Err(ApiError::TooLarge(format!(
+                "this token's unexpired uploads already take {stored} bytes of its \
+                 max_upload_bytes_stored ({quota}); delete some first"
+            )));
+        }
+        max_bytes = max_bytes.min(left);
+    }
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

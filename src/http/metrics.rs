@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{ACCEPT, CONTENT_TYPE};
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -35,13 +36,32 @@ impl FromRequestParts<Arc<AppState>> for Scraper {
     }
 }
 
-pub async fn metrics(_: Scraper, State(state): State<Arc<AppState>>) -> ApiResult<Response> {
+/// OpenMetrics when `Accept` names it (as Prometheus and the official client libraries
+/// send it), the classic text format otherwise.
+pub async fn metrics(
+    _: Scraper,
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let per_token = state.db.read(usage::per_token).await?;
     let text = state
         .metrics
         .render(per_token)
         .map_err(ApiError::internal)?;
-    Ok(([(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+    let openmetrics = headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    Ok(if openmetrics {
+        ([(CONTENT_TYPE, crate::metrics::OPENMETRICS)], text).into_response()
+    } else {
+        (
+            [(CONTENT_TYPE, crate::metrics::PROMETHEUS_TEXT)],
+            crate::metrics::to_prometheus_text(&text),
+        )
+            .into_response()
+    })
 }
 
 /// The route template a request matched, carried on its response to [`count`], which runs

@@ -55,6 +55,7 @@ pub struct UploadForm {
     #[schema(value_type = String, format = Binary)]
     pub file: Vec<u8>,
     /// 60..86400, default 3600.
+    #[schema(minimum = 60, maximum = 86400)]
     pub ttl_secs: Option<u64>,
 }
 
@@ -290,8 +291,9 @@ pub fn console_session() {}
 pub fn console_sign_out() {}
 
 #[utoipa::path(get, path = "/metrics", tag = "ops", security(("admin" = [])),
-    description = "Prometheus metrics (OpenMetrics text). Needs the admin bearer unless CLAWDFORGE_METRICS_OPEN=true.",
-    responses((status = 200, content_type = "application/openmetrics-text", body = String),
+    description = "Prometheus metrics: the classic text format (`text/plain; version=0.0.4`), or OpenMetrics text when `Accept` names `application/openmetrics-text`. Needs the admin bearer unless CLAWDFORGE_METRICS_OPEN=true.",
+    responses((status = 200, description = "The exposition, in the format negotiated.",
+            content((String = "text/plain; version=0.0.4"), (String = "application/openmetrics-text"))),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub fn metrics() {}
 
@@ -425,8 +427,19 @@ pub fn document() -> Value {
     doc
 }
 
-pub async fn openapi_json() -> axum::Json<Value> {
-    axum::Json(document())
+/// The document, with the bounds that depend on settings filled in from the running ones.
+pub async fn openapi_json(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<crate::app::AppState>>,
+) -> axum::Json<Value> {
+    let mut doc = document();
+    let max = state.config.settings.max_timeout_secs;
+    for body in ["RunBody", "TurnBody"] {
+        let pointer = format!("/components/schemas/{body}/properties/timeout_secs");
+        if let Some(field) = doc.pointer_mut(&pointer).and_then(Value::as_object_mut) {
+            field.insert("maximum".into(), max.into());
+        }
+    }
+    axum::Json(doc)
 }
 
 #[cfg(test)]
@@ -455,6 +468,7 @@ mod tests {
                 retry_after_secs: 1,
             },
             ApiError::TokenOverloaded { limit: 1 },
+            ApiError::TooManySessions { limit: 1 },
             ApiError::RateLimited {
                 retry_after_secs: 1,
             },

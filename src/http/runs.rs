@@ -28,6 +28,9 @@ pub struct RunBody {
     pub model: Option<String>,
     pub system: Option<String>,
     pub files: Option<Vec<String>>,
+    /// Seconds, 1..CLAWDFORGE_MAX_TIMEOUT_SECS (the served document states the maximum in
+    /// force); default 120.
+    #[schema(minimum = 1)]
     pub timeout_secs: Option<u64>,
     pub stream: Option<bool>,
     /// `"none"`, `"default"` or built-in tool names; none named: the token's

@@ -131,6 +131,9 @@ pub async fn cancel(
 pub struct TurnBody {
     pub prompt: String,
     pub files: Option<Vec<String>>,
+    /// Seconds, 1..CLAWDFORGE_MAX_TIMEOUT_SECS (the served document states the maximum in
+    /// force); default 120.
+    #[schema(minimum = 1)]
     pub timeout_secs: Option<u64>,
     pub stream: Option<bool>,
 }

@@ -242,6 +242,13 @@ pub async fn create(
             state.config.settings.agents.join(", ")
         )));
     }
+    if let Some(limit) = token.policy.max_open_sessions {
+        let owner = token.id.clone();
+        let open = state.db.read(move |c| store::open_count(c, &owner)).await?;
+        if open >= limit {
+            return Err(ApiError::TooManySessions { limit });
+        }
+    }
     let id = new_id("ses_");
     // Held until the row exists, so the sweeper never takes the new dir for an orphan.
     let _claim = state

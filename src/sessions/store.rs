@@ -87,6 +87,15 @@ pub fn get_for(
     .optional()
 }
 
+/// How many sessions of `token_id` are open.
+pub fn open_count(conn: &Connection, token_id: &str) -> rusqlite::Result<u32> {
+    conn.query_row(
+        "SELECT count(*) FROM sessions WHERE token_id = ?1 AND status = 'open'",
+        [token_id],
+        |r| r.get(0),
+    )
+}
+
 pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<SessionRecord>> {
     conn.query_row(
         &format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1"),

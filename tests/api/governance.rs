@@ -756,7 +756,12 @@ async fn metrics_expose_the_series_and_need_the_admin_bearer() {
             .status(),
         401
     );
-    let res = s.admin(Method::GET, "/metrics").send().await.unwrap();
+    let res = s
+        .admin(Method::GET, "/metrics")
+        .header("accept", "application/openmetrics-text; version=1.0.0")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     assert!(res.headers()["content-type"]
         .to_str()

@@ -299,18 +299,24 @@ async fn sigterm_with_slow_sockets_open_does_not_wait_for_them() {
     }
 }
 
-#[test]
-fn a_second_server_on_the_same_data_dir_refuses_naming_the_holder() {
-    let dir = tempfile::tempdir().unwrap();
-    let served = crate::harness::serve(dir.path(), &[]);
-    let out = crate::harness::bin()
-        .env("CLAWDFORGE_DATA_DIR", dir.path())
+/// `clawdforge serve` on `data` with the stub CLIs, run until it exits (for start-ups that
+/// must refuse).
+fn serve_to_the_end(data: &std::path::Path) -> std::process::Output {
+    crate::harness::bin()
+        .env("CLAWDFORGE_DATA_DIR", data)
         .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
         .env("CLAUDE_BIN", crate::harness::stub("claude"))
         .env("ACPX_BIN", crate::harness::stub("acpx"))
         .arg("serve")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_refuses_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = crate::harness::serve(dir.path(), &[]);
+    let out = serve_to_the_end(dir.path());
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -371,14 +377,7 @@ fn a_damaged_database_is_refused_at_start_up_with_the_doctors_fix() {
         bytes[start..end].fill(0);
     }
     std::fs::write(&db, &bytes).unwrap();
-    let out = crate::harness::bin()
-        .env("CLAWDFORGE_DATA_DIR", dir.path())
-        .env("CLAWDFORGE_LISTEN", "127.0.0.1:0")
-        .env("CLAUDE_BIN", crate::harness::stub("claude"))
-        .env("ACPX_BIN", crate::harness::stub("acpx"))
-        .arg("serve")
-        .output()
-        .unwrap();
+    let out = serve_to_the_end(dir.path());
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -447,4 +446,202 @@ async fn probe_children_die_with_the_server() {
     for pid in probes {
         eventually("a probe child died with its server", || !alive(pid)).await;
     }
+}
+
+/// `promtool check metrics` on `text`: its exit status and what it said.
+fn promtool(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/test.sh installs Debian's prometheus package)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+#[tokio::test]
+async fn metrics_negotiate_their_format_and_both_pass_promtool() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    // Something in every family: a run (counters, histogram) and a refused request.
+    let (st, _) = s.post_json(&t, "/run", &json!({"prompt": "hi"})).await;
+    assert_eq!(st, 200);
+    let scrape = |accept: Option<&'static str>| {
+        let mut req = s.admin(Method::GET, "/metrics");
+        if let Some(a) = accept {
+            req = req.header("accept", a);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            let ct = res.headers()["content-type"].to_str().unwrap().to_string();
+            (ct, res.text().await.unwrap())
+        }
+    };
+    let (ct, text) = scrape(None).await;
+    assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(!text.contains("# EOF"));
+    assert!(
+        text.contains("# TYPE clawdforge_http_requests_total counter"),
+        "{text}"
+    );
+    let (ok, said) = promtool(&text);
+    assert!(ok, "promtool on the text format: {said}\n{text}");
+
+    // What Prometheus itself sends.
+    let (ct, text) = scrape(Some(
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    ))
+    .await;
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    assert!(text.ends_with("# EOF\n"));
+    // promtool 2.42 (Debian's) parses only the text format: it reads this answer without a
+    // parse error, and its only findings are the counters' HELP, which OpenMetrics gives
+    // the family (`x`) and the text format the sample (`x_total`).
+    let (_, said) = promtool(&text);
+    for finding in said.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            finding.ends_with("_total no help text"),
+            "promtool on OpenMetrics: {said}\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn openapi_states_the_real_bounds() {
+    let s = TestServer::start_with(|c| c.settings.max_timeout_secs = 300).await;
+    let res = s.req(Method::GET, "/openapi.json").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let doc: Value = res.json().await.unwrap();
+    let schemas = &doc["components"]["schemas"];
+    for body in ["RunBody", "TurnBody"] {
+        let t = &schemas[body]["properties"]["timeout_secs"];
+        assert_eq!(
+            (t["minimum"].as_u64(), t["maximum"].as_u64()),
+            (Some(1), Some(300)),
+            "{body}: {t}"
+        );
+    }
+    let ttl = &schemas["UploadForm"]["properties"]["ttl_secs"];
+    assert_eq!(
+        (ttl["minimum"].as_u64(), ttl["maximum"].as_u64()),
+        (Some(60), Some(86400)),
+        "{ttl}"
+    );
+    let metrics = &doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"];
+    assert!(
+        metrics.get("text/plain; version=0.0.4").is_some(),
+        "{metrics}"
+    );
+    assert!(
+        metrics.get("application/openmetrics-text").is_some(),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn max_open_sessions_bounds_post_sessions() {
+    let s = TestServer::start().await;
+    let (id, t) = s
+        .mint_with(json!({"name": "few", "max_open_sessions": 1}))
+        .await;
+    let (st, first) = s.post_json(&t, "/sessions", &json!({})).await;
+    assert_eq!(st, 201, "{first}");
+    let res = s
+        .app(&t, Method::POST, "/sessions")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.headers().contains_key("retry-after"));
+    let (st, v) = crate::harness::body(res).await;
+    assert_eq!((st, v["code"].as_str()), (429, Some("overloaded")), "{v}");
+    let sessions: i64 = s
+        .db()
+        .query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(sessions, 1, "the refused one left no row");
+    // A closed session no longer counts.
+    let sid = first["session_id"].as_str().unwrap();
+    let res = s
+        .app(&t, Method::DELETE, &format!("/sessions/{sid}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(s.post_json(&t, "/sessions", &json!({})).await.0, 201);
+    // PATCH: omitted keeps, null clears.
+    let patch = |body: Value| {
+        s.admin(Method::PATCH, &format!("/admin/tokens/{id}"))
+            .json(&body)
+            .send()
+    };
+    let (_, v) = crate::harness::body(patch(json!({"rate_per_min": 100})).await.unwrap()).await;
+    assert_eq!(v["max_open_sessions"], 1);
+    assert_eq!(s.post_json(&t, "/sessions", &json!({})).await.0, 429);
+    let (_, v) =
+        crate::harness::body(patch(json!({"max_open_sessions": null})).await.unwrap()).await;
+    assert_eq!(v["max_open_sessions"], Value::Null);
+    assert_eq!(s.post_json(&t, "/sessions", &json!({})).await.0, 201);
+    let (st, _) = crate::harness::body(patch(json!({"max_open_sessions": 0})).await.unwrap()).await;
+    assert_eq!(st, 400);
+}
+
+#[tokio::test]
+async fn max_upload_bytes_stored_bounds_what_a_token_keeps() {
+    let s = TestServer::start().await;
+    let (id, t) = s
+        .mint_with(json!({"name": "small", "max_upload_bytes_stored": 100}))
+        .await;
+    let upload = |n: usize| {
+        let form = reqwest::multipart::Form::new().part(
+            "file",
+            reqwest::multipart::Part::bytes(vec![b'x'; n]).file_name("f.bin"),
+        );
+        s.app(&t, Method::POST, "/files").multipart(form).send()
+    };
+    let files = || -> i64 {
+        s.db()
+            .query_row("SELECT count(*) FROM files", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(crate::harness::body(upload(60).await.unwrap()).await.0, 201);
+    let (st, v) = crate::harness::body(upload(50).await.unwrap()).await;
+    assert_eq!((st, v["code"].as_str()), (413, Some("too_large")), "{v}");
+    assert_eq!(files(), 1, "nothing kept of the refused upload");
+    // Exactly at the quota is accepted; then nothing more fits.
+    assert_eq!(crate::harness::body(upload(40).await.unwrap()).await.0, 201);
+    let (st, v) = crate::harness::body(upload(1).await.unwrap()).await;
+    assert_eq!((st, v["code"].as_str()), (413, Some("too_large")), "{v}");
+    assert_eq!(files(), 2);
+    let uploads = std::fs::read_dir(&s.state.config.uploads_dir)
+        .unwrap()
+        .count();
+    assert_eq!(uploads, 2, "no bytes of refused uploads kept");
+    // Cleared with null: any number again (up to CLAWDFORGE_MAX_UPLOAD_BYTES each).
+    let res = s
+        .admin(Method::PATCH, &format!("/admin/tokens/{id}"))
+        .json(&json!({"max_upload_bytes_stored": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        crate::harness::body(upload(500).await.unwrap()).await.0,
+        201
+    );
 }
