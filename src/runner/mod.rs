@@ -309,7 +309,10 @@ pub async fn execute(
         state.warm.invalidate();
     }
     ended.result?;
-    let r = ended.fold.result.unwrap_or_else(claude_json::CliResult::empty);
+    let r = ended
+        .fold
+        .result
+        .unwrap_or_else(claude_json::CliResult::empty);
     // Judged already: a schema run that got here has its structured output.
     let r = claude_json::structured(r.clone(), p.input.json_schema.is_some()).unwrap_or(r);
     let (text, stop_reason) = match ended.outcome {

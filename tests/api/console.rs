@@ -6,8 +6,8 @@ use reqwest::header::{HeaderMap, SET_COOKIE};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::harness::{body, TestServer, ADMIN};
 use crate::harness::open_session;
+use crate::harness::{body, TestServer, ADMIN};
 
 /// Signs in; returns the cookie pair (`cf_console=…`), the raw `Set-Cookie` and the CSRF token.
 async fn sign_in(s: &TestServer, headers: HeaderMap) -> (String, String, String) {

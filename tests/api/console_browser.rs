@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::harness::{eventually, repo_root, TestServer, ADMIN};
 use crate::harness::open_session;
+use crate::harness::{eventually, repo_root, TestServer, ADMIN};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 

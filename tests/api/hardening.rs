@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{alive, eventually, TestServer};
 use crate::harness::records;
+use crate::harness::{alive, eventually, TestServer};
 
 /// Longest any single read below may wait before the test calls the server stuck.
 const STUCK: Duration = Duration::from_secs(20);
