@@ -132,10 +132,20 @@ run_node_check() {
 run_env_example() {
   local var rc=0 listed
   listed="$(grep -oE '^#? ?[A-Z][A-Z0-9_]+=' .env.example | tr -d '#= ')"
+  local in_code
+  in_code="$(settings_in_code)"
   while read -r var; do
     [ -n "$var" ] || continue
     grep -qx "$var" <<<"$listed" || { echo "$var is missing from .env.example"; rc=1; }
-  done < <(settings_in_code; settings_in_api_md)
+  done <<<"$in_code"
+  # A setting the contract names but this version does not have yet cannot be documented
+  # as working; it is reported, not failed, until the code has it (then the loop above
+  # holds it to .env.example).
+  while read -r var; do
+    [ -n "$var" ] || continue
+    grep -qx "$var" <<<"$in_code" && continue
+    grep -qx "$var" <<<"$listed" || echo "note: $var (API.md) is not implemented yet"
+  done < <(settings_in_api_md)
   if [ ! -f "$api_md" ]; then
     echo "skipped: $api_md not found (set CLAWDFORGE_API_MD); checked src/ only"
   fi
