@@ -256,3 +256,100 @@ impl Sweeper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{self, AuditEntry, Outcome};
+    use crate::governance::{Admitter, Governor};
+    use crate::probe::Probes;
+    use crate::slots::Slots;
+    use crate::supervise::Supervisor;
+
+    /// A sweep over a data dir of its own, with no server around it.
+    fn sweep_for(dir: &Path) -> (Sweep, Db) {
+        let config = Arc::new(Config::defaults_for(dir));
+        for d in [&config.runs_dir, &config.sessions_dir, &config.uploads_dir] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let db = Db::open(&config.db_path).unwrap();
+        let slots = Slots::new(1, 1, Duration::from_secs(1));
+        let metrics = Arc::new(Metrics::new(slots.clone(), Probes::default()));
+        let governor = Governor::default();
+        let supervisor = Supervisor::new(
+            config.clone(),
+            db.clone(),
+            metrics.clone(),
+            governor.clone(),
+            CancellationToken::new(),
+        );
+        let admitter = Admitter::new(db.clone(), governor, slots);
+        let sessions = Sessions::new(config.clone(), db.clone(), admitter, supervisor);
+        (Sweep::new(config, db.clone(), sessions, metrics), db)
+    }
+
+    #[tokio::test]
+    async fn a_pass_removes_what_nothing_owns_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sweep, db) = sweep_for(dir.path());
+        let config = sweep.config.clone();
+
+        // Run dirs: an old one that no live run owns goes; a young one may belong to a run
+        // that is still being set up, so it stays.
+        let old_run = config.runs_dir.join("run_old");
+        let young_run = config.runs_dir.join("run_young");
+        std::fs::create_dir_all(&old_run).unwrap();
+        std::fs::create_dir_all(&young_run).unwrap();
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::open(&old_run)
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+        // A session dir with no session row and nothing running in it.
+        let orphan_session = config.sessions_dir.join("ses_gone");
+        std::fs::create_dir_all(&orphan_session).unwrap();
+        // Audit rows: one past the retention, one fresh.
+        let insert = |kind: &str| {
+            let e = AuditEntry {
+                kind: kind.into(),
+                outcome: Some(Outcome::Ok),
+                ..Default::default()
+            };
+            let db = db.clone();
+            async move { db.write(move |c| audit::insert(c, &e)).await.unwrap() }
+        };
+        let old_row = insert("run").await;
+        let fresh_row = insert("run").await;
+        let days = i64::from(config.settings.audit_retention_days) + 1;
+        db.write(move |c| {
+            c.execute(
+                "UPDATE audit SET at = at - ?2 WHERE id = ?1",
+                rusqlite::params![old_row, days * 86_400_000],
+            )
+        })
+        .await
+        .unwrap();
+
+        let report = sweep_once(&sweep).await;
+        assert_eq!(report.run_dirs_removed, 1, "{report:?}");
+        assert_eq!(report.session_dirs_removed, 1, "{report:?}");
+        assert_eq!(report.audit_rows_deleted, 1, "{report:?}");
+        assert_eq!(report.sessions_closed, 0);
+        assert_eq!(report.uploads_deleted, 0);
+        assert!(!old_run.exists());
+        assert!(young_run.exists());
+        assert!(!orphan_session.exists());
+        let ids: Vec<i64> = db
+            .read(|c| {
+                let mut s = c.prepare("SELECT id FROM audit ORDER BY id")?;
+                let rows = s.query_map([], |r| r.get(0))?;
+                rows.collect()
+            })
+            .await
+            .unwrap();
+        assert_eq!(ids, vec![fresh_row]);
+
+        // A second pass finds nothing left to do.
+        assert_eq!(sweep_once(&sweep).await, SweepReport::default());
+    }
+}
