@@ -21,7 +21,8 @@ use crate::harness::serve;
 const ADMIN: &str = "drill-admin-secret-0123456789abcdef";
 /// How many times the server is killed.
 const KILLS: usize = 20;
-/// The latest kill point after a batch is launched.
+/// The latest kill point after a batch is launched, on a quiet machine; see the calibration
+/// in the drill for a busy one.
 const MAX_KILL_DELAY_MS: u64 = 300;
 
 /// The seed of the kill points: `CLAWDFORGE_DRILL_SEED` replays a run's choices (timing on
@@ -475,6 +476,7 @@ async fn sigkill_at_random_points_leaves_a_sound_state_after_each_restart() {
     let mut promises: Vec<Promise> = Vec::new();
     let (mut answered, mut cut, mut cut_uploads, mut temp_left, mut dirs_left) = (0, 0, 0, 0, 0);
     let (mut turns_answered, mut turns_cut) = (0, 0);
+    let mut max_kill_delay_ms = MAX_KILL_DELAY_MS;
     for round in 0..=KILLS {
         let mut served = serve(&data, &extra);
         let server = served.child.id();
@@ -491,6 +493,35 @@ async fn sigkill_at_random_points_leaves_a_sound_state_after_each_restart() {
             assert_eq!(res.status(), 201);
             let v: Value = res.json().await.unwrap();
             token = v["token"].as_str().unwrap().to_string();
+            // Calibrates the kill window to this machine: one session created and one turn
+            // answered with no kill, timed. On a busy machine (the whole suite running
+            // beside the drill) a session and a turn take longer than a fixed window, and
+            // the drill would never see a turn end; twice their time keeps kills landing
+            // both before and after answers.
+            let t0 = Instant::now();
+            let created = post_session(client.clone(), served.url.clone(), token.clone()).await;
+            let Ended::Answered(201, v) = &created else {
+                panic!("calibration: POST /sessions {created:?}")
+            };
+            let session_id = v["session_id"].as_str().unwrap().to_string();
+            promises.push(Promise::Session(session_id.clone()));
+            let turned = post_prompt(
+                client.clone(),
+                format!("{}/sessions/{session_id}/turn", served.url),
+                token.clone(),
+                json!({"prompt": "@stub:sleep=0.01"}),
+            )
+            .await;
+            let Ended::Answered(200, v) = &turned else {
+                panic!("calibration: a turn {turned:?}")
+            };
+            promises.push(Promise::Turn {
+                session_id,
+                turn_index: v["turn_index"].as_i64().unwrap(),
+            });
+            let measured = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+            max_kill_delay_ms = measured.saturating_mul(2).clamp(MAX_KILL_DELAY_MS, 10_000);
+            eprintln!("drill: a session and a turn took {measured} ms; kills within {max_kill_delay_ms} ms");
         }
         if round == KILLS {
             // The last restart serves as before.
@@ -509,7 +540,7 @@ async fn sigkill_at_random_points_leaves_a_sound_state_after_each_restart() {
         }
 
         let tasks = launch_batch(&mut rng, &client, &served.url, &token, &promises);
-        let delay = rng.random_range(0..=MAX_KILL_DELAY_MS);
+        let delay = rng.random_range(0..=max_kill_delay_ms);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         served.child.kill().unwrap();
         served.child.wait().unwrap();
