@@ -111,6 +111,46 @@ impl Server {
         v["warm_sessions"].clone()
     }
 
+    /// `POST /sessions` asking for nothing; the session's id.
+    async fn create_session(&self, client: &reqwest::Client, token: &str) -> String {
+        let v: Value = client
+            .post(format!("{}/sessions", self.url))
+            .bearer_auth(token)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["session_id"].as_str().unwrap().to_string()
+    }
+
+    /// One turn (`ping`) in session `sid`, which must answer 200.
+    async fn turn(&self, client: &reqwest::Client, token: &str, sid: &str) {
+        let res = client
+            .post(format!("{}/sessions/{sid}/turn", self.url))
+            .bearer_auth(token)
+            .json(&json!({"prompt": "ping"}))
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        assert_eq!(status, 200, "{}", res.text().await.unwrap_or_default());
+    }
+
+    /// A user's pause between turns: until the next turn's acpx client has been started
+    /// ahead (bounded), then `THINK_TIME` for it to load, as a person typing would give it.
+    async fn think(&self, client: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.warm_sessions(client).await["clients"].as_u64() == Some(0)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(THINK_TIME).await;
+    }
+
     /// Waits (bounded) until the session pool holds a session again.
     async fn pooled(&self, client: &reqwest::Client) {
         let deadline = Instant::now() + Duration::from_secs(180);
@@ -542,45 +582,18 @@ async fn session_rows(table: &mut Table) {
         ],
     );
     let token = server.mint(&client).await;
-    let turn = |sid: String| {
-        let (client, url, token) = (client.clone(), server.url.clone(), token.clone());
-        async move {
-            let res = client
-                .post(format!("{url}/sessions/{sid}/turn"))
-                .bearer_auth(token)
-                .json(&json!({"prompt": "ping"}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(
-                res.status(),
-                200,
-                "{}",
-                res.text().await.unwrap_or_default()
-            );
-        }
-    };
     let (mut create, mut cold, mut warm) = (Stats::default(), Stats::default(), Stats::default());
     for _ in 0..2 {
         let t = Instant::now();
-        let v: Value = client
-            .post(format!("{}/sessions", server.url))
-            .bearer_auth(&token)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let sid = server.create_session(&client, &token).await;
         create.ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        let sid = v["session_id"].as_str().unwrap().to_string();
         let t = Instant::now();
-        turn(sid.clone()).await;
+        server.turn(&client, &token, &sid).await;
         cold.ms.push(t.elapsed().as_secs_f64() * 1000.0);
         for _ in 0..n {
+            server.think(&client).await;
             let t = Instant::now();
-            turn(sid.clone()).await;
+            server.turn(&client, &token, &sid).await;
             warm.ms.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         client
@@ -613,16 +626,19 @@ async fn session_rows(table: &mut Table) {
         name.clone(),
     )
     .await;
-    let (a, e, c, nm) = (
-        acpx.clone(),
-        env.clone(),
-        cwd.path().to_path_buf(),
-        name.clone(),
-    );
-    let direct = measure(n * 2, 1, move |_| {
-        acpx_direct_turn(a.clone(), e.clone(), c.clone(), nm.clone())
-    })
-    .await;
+    let mut direct = Stats::default();
+    for _ in 0..n * 2 {
+        tokio::time::sleep(THINK_TIME).await;
+        let t = Instant::now();
+        acpx_direct_turn(
+            acpx.clone(),
+            env.clone(),
+            cwd.path().to_path_buf(),
+            name.clone(),
+        )
+        .await;
+        direct.ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
     let _ = tokio::process::Command::new(&acpx)
         .args(["--format", "json", "--cwd"])
         .arg(cwd.path())
@@ -651,28 +667,12 @@ async fn session_rows(table: &mut Table) {
     let mut pooled_ids = Vec::new();
     for _ in 0..3 {
         server.pooled(&client).await;
+        server.think(&client).await;
         let t = Instant::now();
-        let v: Value = client
-            .post(format!("{}/sessions", server.url))
-            .bearer_auth(&token)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let sid = server.create_session(&client, &token).await;
         pooled_create.ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        let sid = v["session_id"].as_str().unwrap().to_string();
         let t = Instant::now();
-        let res = client
-            .post(format!("{}/sessions/{sid}/turn", server.url))
-            .bearer_auth(&token)
-            .json(&json!({"prompt": "ping"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200);
+        server.turn(&client, &token, &sid).await;
         pooled_first.ms.push(t.elapsed().as_secs_f64() * 1000.0);
         pooled_ids.push(sid);
     }
@@ -767,6 +767,10 @@ fn agent_rss_kb(home: &Path) -> u64 {
         .map(|pid| status_kb(pid, "VmRSS"))
         .sum()
 }
+
+/// The pause between a session's turns in the session rows (see `Server::think`); the
+/// direct `acpx prompt` row pauses as long.
+const THINK_TIME: Duration = Duration::from_secs(1);
 
 #[tokio::main]
 async fn main() {

@@ -269,7 +269,7 @@ impl Sessions {
     /// Shutdown: the pool's sessions are discarded and pre-started clients stopped.
     pub async fn shutdown(&self) {
         pool::shutdown(self).await;
-        self.warm.discard_all_clients();
+        self.warm.discard_all_clients().await;
     }
 
     /// What `/healthz` shows as `warm_sessions`.

@@ -149,12 +149,13 @@ impl WarmAgents {
         }
     }
 
-    /// Stops every pre-started client (shutdown).
-    pub fn discard_all_clients(&self) {
+    /// Stops every pre-started client and waits for them (shutdown).
+    pub async fn discard_all_clients(&self) {
         let all: Vec<Client> = lock(&self.clients).drain().map(|(_, c)| c).collect();
-        for c in all {
-            stop(c.proc);
-        }
+        let stops = all
+            .into_iter()
+            .map(|mut c| async move { c.proc.terminate().await });
+        futures_util::future::join_all(stops).await;
     }
 }
 

@@ -153,6 +153,17 @@ impl TestServer {
         self.client.request(method, format!("{}{}", self.url, path))
     }
 
+    /// `GET path` without a token, as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.req(Method::GET, path)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub fn admin(&self, method: Method, path: &str) -> RequestBuilder {
         self.req(method, path).bearer_auth(ADMIN)
     }
@@ -782,4 +793,32 @@ pub fn client_pids(home: &Path, id: &str) -> Vec<i32> {
                 && args.contains(&b"prompt".as_slice())
         })
         .collect()
+}
+
+/// The environment of a `clawdforge serve` (see [`serve`]) driving the real acpx against
+/// `fake`, with its own `HOME` and Claude config under `dir`, the admin token `admin`, the
+/// warm pool off (its claude processes would share `HOME` and count as agents), and
+/// `extra` on top; with the `HOME` it gets.
+pub fn real_served_env(
+    fake: &FakeUpstream,
+    dir: &Path,
+    admin: &str,
+    extra: &[(&str, &str)],
+) -> (PathBuf, Vec<(String, String)>) {
+    let home = dir.join("home");
+    let config_dir = dir.join("claude-config");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let mut env: Vec<(String, String)> = fake.child_env(&config_dir);
+    env.extend([
+        ("ADMIN_BOOTSTRAP_TOKEN".to_string(), admin.to_string()),
+        ("HOME".to_string(), home.display().to_string()),
+        (
+            "ACPX_BIN".to_string(),
+            real_bin("acpx").display().to_string(),
+        ),
+        ("CLAWDFORGE_WARM_POOL".to_string(), "0".to_string()),
+    ]);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    (home, env)
 }

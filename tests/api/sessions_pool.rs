@@ -43,15 +43,7 @@ fn row(s: &TestServer, id: &str) -> (String, String, i64) {
 }
 
 async fn warm_sessions(s: &TestServer) -> Value {
-    let v: Value = s
-        .req(Method::GET, "/healthz")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["warm_sessions"].clone()
+    s.get_json("/healthz").await["warm_sessions"].clone()
 }
 
 #[tokio::test]
@@ -358,24 +350,16 @@ async fn real_acpx_the_next_turn_takes_the_client_started_for_it_unless_it_no_lo
 
 #[tokio::test]
 async fn real_acpx_a_sigkilled_server_leaves_no_pooled_agent_or_waiting_client_after_restart() {
-    use crate::harness::{real_bin, serve, served_session};
+    use crate::harness::{real_served_env, serve, served_session};
     let fake = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let config_dir = dir.path().join("claude-config");
-    std::fs::create_dir_all(&home).unwrap();
-    std::fs::create_dir_all(&config_dir).unwrap();
     let admin = "admin-secret-for-the-pool-kill-test-0123456";
-    let acpx = real_bin("acpx").display().to_string();
-    let home_s = home.display().to_string();
-    let mut env: Vec<(String, String)> = fake.child_env(&config_dir);
-    env.extend([
-        ("ADMIN_BOOTSTRAP_TOKEN".to_string(), admin.to_string()),
-        ("HOME".to_string(), home_s),
-        ("ACPX_BIN".to_string(), acpx),
-        ("CLAWDFORGE_WARM_POOL".to_string(), "0".to_string()),
-        ("CLAWDFORGE_SESSION_POOL".to_string(), "1".to_string()),
-    ]);
+    let (home, env) = real_served_env(
+        &fake,
+        dir.path(),
+        admin,
+        &[("CLAWDFORGE_SESSION_POOL", "1")],
+    );
     let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let data = dir.path().join("data");
     let mut served = serve(&data, &extra);

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::fake_upstream::{conversation_text, system_text, FakeUpstream, Reply};
 use crate::harness::{agent_processes, client_pids, home, owner_pids, request_for};
-use crate::harness::{alive, body, eventually, real_bin};
+use crate::harness::{alive, body, eventually};
 use crate::harness::{call, create, served_session, spawn_served_turn, spawn_turn, turn};
 use crate::harness::{real_server, real_server_in};
 
@@ -229,7 +229,8 @@ async fn real_acpx_cancel_and_timeout_leave_the_session_usable() {
     assert_eq!(owner_pids(&home), owner, "cancel keeps the agent warm");
 
     // Timeout: the turn is cancelled in the agent and its `acpx prompt` group is gone;
-    // nothing but the queue owner's group (owner, adapter, claude) remains.
+    // nothing but the queue owner's group (owner, adapter, claude) remains, and the client
+    // started ahead for the next turn.
     let (st, v) = turn(
         &s,
         &t,
@@ -240,9 +241,10 @@ async fn real_acpx_cancel_and_timeout_leave_the_session_usable() {
     assert_eq!((st, v["code"].as_str()), (504, Some("timeout")), "{v}");
     let owner = owner_pids(&home);
     eventually("only the queue owner's group is left", || {
+        let waiting = client_pids(&home, &id);
         agent_processes(&home)
             .iter()
-            .all(|p| owner.iter().any(|o| pgid(*p) == Some(*o)))
+            .all(|p| owner.iter().any(|o| pgid(*p) == Some(*o)) || waiting.contains(p))
     })
     .await;
 
@@ -261,31 +263,23 @@ async fn real_acpx_cancel_and_timeout_leave_the_session_usable() {
 
 #[tokio::test]
 async fn real_acpx_survivors_of_a_sigkilled_server_are_stopped_at_start_up() {
-    use crate::harness::serve;
+    use crate::harness::{real_served_env, serve};
     let fake = FakeUpstream::start().await;
     fake.reply_when("HANGTWO", Reply::Hang);
     let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let config_dir = dir.path().join("claude-config");
-    std::fs::create_dir_all(&home).unwrap();
-    std::fs::create_dir_all(&config_dir).unwrap();
     let admin = "admin-secret-for-the-real-kill-test-012345";
-    let acpx = real_bin("acpx").display().to_string();
-    let home_s = home.display().to_string();
-    let mut env: Vec<(String, String)> = fake.child_env(&config_dir);
-    env.extend([
-        ("ADMIN_BOOTSTRAP_TOKEN".to_string(), admin.to_string()),
-        ("HOME".to_string(), home_s),
-        ("ACPX_BIN".to_string(), acpx),
-        (
-            "CLAWDFORGE_SESSION_TTL_SECS".to_string(),
-            OWNER_TTL.to_string(),
-        ),
-        // Warm-pool claude processes share HOME and would be counted as agents here.
-        ("CLAWDFORGE_WARM_POOL".to_string(), "0".to_string()),
-        // So would the session pool's agent; its own kill test is in sessions_pool.rs.
-        ("CLAWDFORGE_SESSION_POOL".to_string(), "0".to_string()),
-    ]);
+    let ttl = OWNER_TTL.to_string();
+    let (home, env) = real_served_env(
+        &fake,
+        dir.path(),
+        admin,
+        &[
+            ("CLAWDFORGE_SESSION_TTL_SECS", ttl.as_str()),
+            // The session pool's agent would count too; its own kill test is in
+            // sessions_pool.rs.
+            ("CLAWDFORGE_SESSION_POOL", "0"),
+        ],
+    );
     let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let data = dir.path().join("data");
     let mut served = serve(&data, &extra);
