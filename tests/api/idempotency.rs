@@ -299,3 +299,57 @@ async fn openapi_documents_the_header_and_its_answers() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_client_that_hangs_up_before_its_answer_releases_the_key() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    let release = s.dir.path().join("release");
+    let b = json!({"prompt": format!("@stub:wait-file={}", release.display()), "stream": true});
+    let mut res = keyed(&s, &t, "/run", b"gone", &b).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    // The first event (the CLI's init line) has arrived: the run is under way.
+    assert!(res.chunk().await.unwrap().is_some());
+    let record_dir = s.record_dir.clone();
+    eventually("the run started", || !records(&record_dir).is_empty()).await;
+    drop(res);
+    let db = s.db();
+    eventually("the key is released", || {
+        db.query_row("SELECT COUNT(*) FROM idempotency_keys", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap()
+            == 0
+    })
+    .await;
+    eventually("the run is abandoned", || {
+        s.audit_rows("run")
+            .first()
+            .is_some_and(|r| r["outcome"] == "abandoned")
+    })
+    .await;
+    // The retry runs for real.
+    std::fs::write(&release, "").unwrap();
+    let res = keyed(&s, &t, "/run", b"gone", &b).send().await.unwrap();
+    assert!(res.headers().get("idempotent-replayed").is_none());
+    let events = crate::harness::sse_events(res).await;
+    assert_eq!(events.last().unwrap().0, "result", "{events:?}");
+    assert_eq!(records(&s.record_dir).len(), 2);
+}
+
+#[tokio::test]
+async fn a_stream_over_the_cap_replays_its_first_and_last_events() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    let b = json!({"prompt": "@stub:flood-lines=1500000", "stream": true});
+    let first = sse_events(keyed(&s, &t, "/run", b"big", &b).send().await.unwrap()).await;
+    assert!(first.len() > 100, "{} events", first.len());
+    assert_eq!(first.last().unwrap().0, "result");
+    let res = keyed(&s, &t, "/run", b"big", &b).send().await.unwrap();
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    let again = sse_events(res).await;
+    let mut kept = vec![first[0].clone()];
+    kept.extend_from_slice(&first[first.len() - 4..]);
+    assert_eq!(again, kept);
+    assert_eq!(records(&s.record_dir).len(), 1);
+}
