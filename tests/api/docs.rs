@@ -5,10 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use reqwest::Method;
-use serde_json::Value;
-
-use crate::harness::{repo_root, TestServer};
+use crate::harness::{openapi_doc, repo_root, TestServer};
 
 /// `(METHOD, /path)` of each row of the table whose first cells are `` `GET` | `/x` ``.
 fn documented_routes(markdown: &str) -> BTreeSet<(String, String)> {
@@ -27,14 +24,7 @@ fn documented_routes(markdown: &str) -> BTreeSet<(String, String)> {
 #[tokio::test]
 async fn the_api_reference_lists_every_route_of_openapi_json() {
     let s = TestServer::start().await;
-    let doc: Value = s
-        .req(Method::GET, "/openapi.json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = openapi_doc(&s).await;
     let served: BTreeSet<(String, String)> = doc["paths"]
         .as_object()
         .unwrap()

@@ -756,3 +756,10 @@ pub fn usage_ledger(s: &TestServer, token_id: &str) -> (i64, i64) {
         )
         .unwrap()
 }
+
+/// `GET /openapi.json` (no token), as JSON.
+pub async fn openapi_doc(s: &TestServer) -> Value {
+    let res = s.req(Method::GET, "/openapi.json").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}

@@ -6,8 +6,8 @@
 use serde_json::{json, Value};
 
 use crate::harness::{
-    db_rw, eventually, keyed, keyed_answer, open_session, patch, records, sse_events, usage_ledger,
-    TestServer,
+    db_rw, eventually, keyed, keyed_answer, open_session, openapi_doc, patch, records, sse_events,
+    usage_ledger, TestServer,
 };
 
 #[tokio::test]
@@ -261,14 +261,7 @@ async fn a_streamed_run_repeat_replays_the_stream() {
 #[tokio::test]
 async fn openapi_documents_the_header_and_its_answers() {
     let s = TestServer::start().await;
-    let doc: Value = s
-        .req(reqwest::Method::GET, "/openapi.json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = openapi_doc(&s).await;
     for path in [
         "/run",
         "/sessions/{id}/turn",
