@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
@@ -29,6 +29,7 @@ use crate::governance::idempotency::{
     self, spends_key, Claim, Holder, IdempotencyKey, StoredAnswer,
 };
 use crate::http::extract::{sdk_caller, AppCaller};
+use crate::http::params;
 use crate::http::v1::{self, Flavor};
 use crate::store::Db;
 use crate::util::{new_id, now_ms};
@@ -99,8 +100,12 @@ pub async fn idempotent(State((state, wire)): State<Layer>, req: Request, next: 
         key_hash: key.hash(),
         claim: new_id("idem_"),
     };
-    let request_hash =
-        idempotency::request_hash(parts.uri.path(), accepts_stream(&parts.headers), &bytes);
+    let request_hash = idempotency::request_hash(
+        parts.uri.path(),
+        // Whether `Accept` asks for a stream (a body's `stream` is in the body).
+        params::wants_stream(None, &parts.headers),
+        &bytes,
+    );
     let claimed = {
         let holder = holder.clone();
         state
@@ -130,14 +135,6 @@ pub async fn idempotent(State((state, wire)): State<Layer>, req: Request, next: 
             record(claim, res).await
         }
     }
-}
-
-fn accepts_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("text/event-stream"))
 }
 
 fn replay(answer: StoredAnswer) -> Response {
