@@ -98,6 +98,28 @@ impl Server {
         v["token"].as_str().unwrap().to_string()
     }
 
+    /// `/healthz`'s `warm_sessions`.
+    async fn warm_sessions(&self, client: &reqwest::Client) -> Value {
+        let v: Value = client
+            .get(format!("{}/healthz", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["warm_sessions"].clone()
+    }
+
+    /// Waits (bounded) until the session pool holds a session again.
+    async fn pooled(&self, client: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while self.warm_sessions(client).await["pooled"].as_u64() != Some(1) {
+            assert!(Instant::now() < deadline, "the session pool did not refill");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn warm_idle(&self, client: &reqwest::Client) -> u64 {
         let v: Value = client
             .get(format!("{}/healthz", self.url))
@@ -516,6 +538,7 @@ async fn session_rows(table: &mut Table) {
         &[
             ("ACPX_BIN", bin.join("acpx").display().to_string()),
             ("CLAWDFORGE_WARM_POOL", "0".into()),
+            ("CLAWDFORGE_SESSION_POOL", "0".into()),
         ],
     );
     let token = server.mint(&client).await;
@@ -610,6 +633,63 @@ async fn session_rows(table: &mut Table) {
         .stderr(Stdio::null())
         .status()
         .await;
+    drop(server);
+
+    // The same with the session pool: a plain create takes a pooled session whose agent
+    // the pool already started.
+    let server = Server::start(
+        &bin.join("claude"),
+        &env,
+        &[
+            ("ACPX_BIN", bin.join("acpx").display().to_string()),
+            ("CLAWDFORGE_WARM_POOL", "0".into()),
+            ("CLAWDFORGE_SESSION_POOL", "1".into()),
+        ],
+    );
+    let token = server.mint(&client).await;
+    let (mut pooled_create, mut pooled_first) = (Stats::default(), Stats::default());
+    let mut pooled_ids = Vec::new();
+    for _ in 0..3 {
+        server.pooled(&client).await;
+        let t = Instant::now();
+        let v: Value = client
+            .post(format!("{}/sessions", server.url))
+            .bearer_auth(&token)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        pooled_create.ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        let sid = v["session_id"].as_str().unwrap().to_string();
+        let t = Instant::now();
+        let res = client
+            .post(format!("{}/sessions/{sid}/turn", server.url))
+            .bearer_auth(&token)
+            .json(&json!({"prompt": "ping"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        pooled_first.ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        pooled_ids.push(sid);
+    }
+    server.pooled(&client).await;
+    let ws = server.warm_sessions(&client).await;
+    let agents = ws["agents"].as_u64().unwrap_or(0);
+    let agent_kb = agent_rss_kb(home.path());
+    for sid in &pooled_ids {
+        client
+            .delete(format!("{}/sessions/{sid}", server.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+    }
+    drop(server);
+
     table.row(
         "sessions (real acpx)",
         "acpx prompt directly, warm",
@@ -619,10 +699,24 @@ async fn session_rows(table: &mut Table) {
     );
     table.row(
         "sessions (real acpx)",
-        "POST /sessions (create)",
+        "POST /sessions, pool off",
         1,
         &create,
         None,
+    );
+    table.row(
+        "sessions (real acpx)",
+        "POST /sessions, pool 1 (pooled)",
+        1,
+        &pooled_create,
+        Some(&create),
+    );
+    table.row(
+        "sessions (real acpx)",
+        "first turn of a pooled session",
+        1,
+        &pooled_first,
+        Some(&warm),
     );
     table.row(
         "sessions (real acpx)",
@@ -638,6 +732,40 @@ async fn session_rows(table: &mut Table) {
         &warm,
         Some(&direct),
     );
+    table.note(
+        "sessions (real acpx)",
+        "warm turn p50 / direct p50",
+        format!("{:.2}x", warm.pct(0.5) / direct.pct(0.5)),
+    );
+    table.note(
+        "sessions (real acpx)",
+        "pooled first turn p50 / warm turn p50",
+        format!("{:.2}x", pooled_first.pct(0.5) / warm.pct(0.5)),
+    );
+    table.note(
+        "sessions (real acpx)",
+        &format!("RSS of the warm session agents ({agents} alive)"),
+        format!(
+            "{} MB ({} MB each)",
+            agent_kb / 1024,
+            agent_kb / 1024 / agents.max(1)
+        ),
+    );
+}
+
+/// RSS of every live process started with `HOME=home` (queue owners, adapters, claude).
+fn agent_rss_kb(home: &Path) -> u64 {
+    let needle = format!("HOME={}", home.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        })
+        .map(|pid| status_kb(pid, "VmRSS"))
+        .sum()
 }
 
 #[tokio::main]

@@ -168,6 +168,7 @@ impl App {
             db.clone(),
             admitter.clone(),
             supervisor.clone(),
+            shutdown.clone(),
         );
         let sweep = Sweep::new(
             config.clone(),
@@ -203,6 +204,7 @@ impl App {
         // The start-up pass runs before the server listens, so nothing races it.
         crate::sweeper::sweep_once(&sweep).await;
         let sweeper = Sweeper::start(sweep, state.shutdown.clone()).await?;
+        state.sessions.start().await;
         Ok(App {
             state,
             sweeper,
@@ -254,6 +256,7 @@ impl App {
         signal.abort();
         state.shutdown.cancel();
         sweeper.stop().await;
+        state.sessions.shutdown().await;
         state.warm.shutdown().await;
         flush_last_used(&state).await;
         state.db.clone().close().await;

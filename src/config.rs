@@ -474,6 +474,25 @@ pub struct Settings {
     )]
     pub warm_max_idle_secs: u64,
 
+    /// Sessions created ahead of time for the default agent and model with no system
+    /// prompt, their agent started; `POST /sessions` asking for nothing else takes one
+    /// (0 = off).
+    #[arg(
+        long,
+        global = true,
+        env = "CLAWDFORGE_SESSION_POOL",
+        value_name = "CLAWDFORGE_SESSION_POOL",
+        default_value_t = 1
+    )]
+    pub session_pool: u32,
+
+    /// At most this many session agents (acpx queue owner, adapter and claude, ~400 MB)
+    /// stay alive between turns; beyond it the least recently used idle one is stopped.
+    #[arg(long, global = true, env = "CLAWDFORGE_MAX_WARM_AGENTS",
+          value_name = "CLAWDFORGE_MAX_WARM_AGENTS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_warm_agents: u32,
+
     /// How often the cached CLI probes behind /healthz are refreshed, in seconds.
     #[arg(long, global = true, env = "CLAWDFORGE_PROBE_INTERVAL_SECS",
           value_name = "CLAWDFORGE_PROBE_INTERVAL_SECS", default_value_t = 300,

@@ -192,7 +192,7 @@ async fn remove_orphan_run_dirs(state: &Sweep) -> Result<usize, StoreError> {
     Ok(removed)
 }
 
-/// Session dirs with no open session and nothing (creation, turn, close) running in them.
+/// Session dirs with no open or pooled session and nothing (creation, turn, close) running in them.
 /// The dirs are listed first, then the running work, then the open rows: a session being
 /// created holds its claim from before its dir exists until after its row does, so it is
 /// always seen in one of the two.
@@ -295,7 +295,13 @@ mod tests {
             CancellationToken::new(),
         );
         let admitter = Admitter::new(db.clone(), governor, slots);
-        let sessions = Sessions::new(config.clone(), db.clone(), admitter, supervisor);
+        let sessions = Sessions::new(
+            config.clone(),
+            db.clone(),
+            admitter,
+            supervisor,
+            CancellationToken::new(),
+        );
         (Sweep::new(config, db.clone(), sessions, metrics), db)
     }
 

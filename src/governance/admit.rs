@@ -223,6 +223,12 @@ impl Admitter {
         })
     }
 
+    /// A global slot for work no token asked for (making a pooled session): it waits in
+    /// line like any run, but no token's limits apply.
+    pub async fn unmetered_slot(&self) -> Result<Slot, ApiError> {
+        self.slots.acquire().await
+    }
+
     /// 402 when the token has spent its daily or monthly budget (UTC day and month).
     async fn check_budget(&self, token: &TokenRecord) -> Result<(), ApiError> {
         let (per_day, per_month) = (

@@ -19,6 +19,8 @@ pub struct Health {
     pub acpx_version: Option<String>,
     pub uptime_secs: u64,
     pub warm_pool: crate::runner::warm::PoolStats,
+    /// Session agents alive between turns, pooled sessions ready, pre-started clients.
+    pub warm_sessions: crate::sessions::warm::WarmStats,
     /// `failing` while the data dir cannot be written or the database file was deleted or
     /// replaced under the server; the status stays 200 (this is liveness).
     pub storage: Storage,
@@ -51,6 +53,7 @@ pub async fn health(state: &AppState) -> Health {
         acpx_version: snap.acpx_version,
         uptime_secs: state.started_at.elapsed().as_secs(),
         warm_pool: state.warm.stats(),
+        warm_sessions: state.sessions.warm_stats(),
         storage: if sound { Storage::Ok } else { Storage::Failing },
     }
 }

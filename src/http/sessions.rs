@@ -50,7 +50,7 @@ pub async fn create(
             .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?
     };
     let input = CreateInput {
-        agent: body.agent.unwrap_or_else(|| "claude".into()),
+        agent: body.agent.unwrap_or_else(|| sessions::DEFAULT_AGENT.into()),
         model: params::model(&state, &caller.token, body.model)?,
         system: params::system(body.system)?,
     };

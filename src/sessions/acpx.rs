@@ -69,10 +69,26 @@ impl Target {
         model: &str,
         system: Option<&str>,
     ) -> Vec<OsString> {
+        self.prompt_args_ttl(config.settings.session_ttl_secs, permissions, model, system)
+    }
+
+    /// The pool's warm-up prompt (see `pool`): the queue owner it starts has no idle TTL
+    /// (`--ttl=0`); the warm-agent limit and the session's idle TTL bound it instead.
+    pub fn warm_up_args(&self, config: &Config, model: &str) -> Vec<OsString> {
+        self.prompt_args_ttl(0, config.settings.session_permissions, model, None)
+    }
+
+    fn prompt_args_ttl(
+        &self,
+        ttl_secs: u64,
+        permissions: SessionPermissions,
+        model: &str,
+        system: Option<&str>,
+    ) -> Vec<OsString> {
         let mut args = self.global();
         args.extend(agent_options(model, system));
         args.extend([
-            format!("--ttl={}", config.settings.session_ttl_secs).into(),
+            format!("--ttl={ttl_secs}").into(),
             permissions.acpx_flag().into(),
             "--non-interactive-permissions=deny".into(),
             self.agent.clone().into(),
@@ -189,9 +205,21 @@ pub async fn control(
     args: Vec<OsString>,
     limit: Duration,
 ) -> Result<Output, ControlError> {
+    control_fed(config, db, target, args, b"", limit).await
+}
+
+/// [`control`] with `input` on the command's stdin (a prompt for `-f -`).
+pub async fn control_fed(
+    config: &Config,
+    db: &Db,
+    target: &Target,
+    args: Vec<OsString>,
+    input: &[u8],
+    limit: Duration,
+) -> Result<Output, ControlError> {
     let spec = target.spec(config, args, None);
     let mut proc = Proc::spawn(spec, Some(db)).await?;
-    proc.feed_and_close(b"").await;
+    proc.feed_and_close(input).await;
     let mut lines = Vec::new();
     let read = async {
         loop {

@@ -9,15 +9,18 @@
 
 pub mod acp_log;
 pub mod acpx;
+pub mod pool;
 pub mod store;
 mod turn;
+pub mod warm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -44,6 +47,9 @@ enum Kind {
     Creating,
     Turn,
     Closing,
+    /// Its idle agent is being stopped to stay within `CLAWDFORGE_MAX_WARM_AGENTS`; a turn
+    /// waits for that (a moment) rather than answering `busy`.
+    Evicting,
 }
 
 #[derive(Clone)]
@@ -64,6 +70,8 @@ impl Activity {
 #[derive(Default, Clone)]
 pub struct SessionManager {
     active: Arc<Mutex<HashMap<String, Activity>>>,
+    /// Told the id of every session whose turn ended (the warm-agent keeper listens).
+    turn_ended: Option<mpsc::UnboundedSender<String>>,
 }
 
 /// The right to act on a session alone; released (and waiters woken) on drop.
@@ -72,6 +80,8 @@ pub struct Claim {
     id: String,
     done: watch::Sender<bool>,
     pub stop: Stopper,
+    /// Set for a turn's claim: its end is reported here.
+    turn_ended: Option<mpsc::UnboundedSender<String>>,
 }
 
 impl Claim {
@@ -86,10 +96,21 @@ impl Drop for Claim {
             map.remove(&self.id);
         }
         let _ = self.done.send(true);
+        if let Some(tx) = &self.turn_ended {
+            let _ = tx.send(self.id.clone());
+        }
     }
 }
 
 impl SessionManager {
+    /// A manager that reports every ended turn's session id to `turn_ended`.
+    fn reporting_to(turn_ended: mpsc::UnboundedSender<String>) -> Self {
+        SessionManager {
+            active: Arc::default(),
+            turn_ended: Some(turn_ended),
+        }
+    }
+
     fn claim(&self, id: &str, kind: Kind) -> Result<Claim, Activity> {
         let mut map = self
             .active
@@ -113,6 +134,7 @@ impl SessionManager {
             id: id.to_string(),
             done,
             stop,
+            turn_ended: self.turn_ended.clone().filter(|_| kind == Kind::Turn),
         })
     }
 
@@ -120,12 +142,24 @@ impl SessionManager {
         self.active.lock().ok().and_then(|m| m.get(id).cloned())
     }
 
-    /// Claims `id` for a turn: `busy` if a turn runs, `session_closed` while it closes.
-    pub fn claim_turn(&self, id: &str) -> Result<Claim, ApiError> {
-        self.claim(id, Kind::Turn).map_err(|a| match a.kind {
-            Kind::Closing => ApiError::SessionClosed,
-            Kind::Turn | Kind::Creating => ApiError::Busy,
-        })
+    /// Claims `id` for a turn: `busy` if a turn runs, `session_closed` while it closes;
+    /// an eviction of its agent is waited out.
+    pub async fn claim_turn(&self, id: &str) -> Result<Claim, ApiError> {
+        loop {
+            match self.claim(id, Kind::Turn) {
+                Ok(claim) => return Ok(claim),
+                Err(a) => match a.kind {
+                    Kind::Closing => return Err(ApiError::SessionClosed),
+                    Kind::Turn | Kind::Creating => return Err(ApiError::Busy),
+                    Kind::Evicting => a.finished(STOP_WAIT).await,
+                },
+            }
+        }
+    }
+
+    /// Claims `id` to stop its idle agent; `None` while anything else runs in it.
+    fn claim_eviction(&self, id: &str) -> Option<Claim> {
+        self.claim(id, Kind::Evicting).ok()
     }
 
     /// Whether a turn is running in `id`.
@@ -187,6 +221,15 @@ pub struct Sessions {
     active: SessionManager,
     admitter: Admitter,
     supervisor: Supervisor,
+    /// Sessions whose agents may be alive, for `CLAWDFORGE_MAX_WARM_AGENTS`, and the
+    /// acpx clients pre-started for their next turns.
+    warm: Arc<warm::WarmAgents>,
+    /// Sessions made ahead of time (`CLAWDFORGE_SESSION_POOL`).
+    pool: Arc<pool::SessionPool>,
+    /// Ended turns, until [`Sessions::start`] hands them to the warm-agent keeper.
+    turn_ended: Arc<Mutex<Option<mpsc::UnboundedReceiver<String>>>>,
+    /// Cancelled when the server begins shutting down.
+    shutdown: CancellationToken,
 }
 
 impl Sessions {
@@ -195,14 +238,43 @@ impl Sessions {
         db: Db,
         admitter: Admitter,
         supervisor: Supervisor,
+        shutdown: CancellationToken,
     ) -> Sessions {
+        let (tx, rx) = mpsc::unbounded_channel();
         Sessions {
             config,
             db,
-            active: SessionManager::default(),
+            active: SessionManager::reporting_to(tx),
             admitter,
             supervisor,
+            warm: Arc::default(),
+            pool: Arc::default(),
+            turn_ended: Arc::new(Mutex::new(Some(rx))),
+            shutdown,
         }
+    }
+
+    /// Discards what a previous process pooled, then starts the background keepers: the
+    /// warm-agent limit (fed by ended turns) and the session pool. Called once, after the
+    /// start-up sweep and before the server listens.
+    pub async fn start(&self) {
+        pool::discard_leftovers(self).await;
+        let ended = self.turn_ended.lock().ok().and_then(|mut rx| rx.take());
+        if let Some(ended) = ended {
+            warm::spawn_keeper(self.clone(), ended);
+        }
+        pool::spawn_keeper(self.clone());
+    }
+
+    /// Shutdown: the pool's sessions are discarded and pre-started clients stopped.
+    pub async fn shutdown(&self) {
+        pool::shutdown(self).await;
+        self.warm.discard_all_clients();
+    }
+
+    /// What `/healthz` shows as `warm_sessions`.
+    pub fn warm_stats(&self) -> warm::WarmStats {
+        warm::stats(self)
     }
 
     fn home(&self) -> Option<PathBuf> {
@@ -228,7 +300,11 @@ fn target(s: &SessionRecord) -> Target {
     }
 }
 
-/// Creates a session: its own working dir, `acpx sessions ensure` there (which starts the
+/// The agent a session gets when `POST /sessions` names none.
+pub const DEFAULT_AGENT: &str = "claude";
+
+/// Creates a session: a pooled one when the request asks for nothing the pool's do not
+/// have; otherwise its own working dir, `acpx sessions ensure` there (which starts the
 /// agent once, so it takes a slot), and its row.
 pub async fn create(
     state: &Sessions,
@@ -249,22 +325,77 @@ pub async fn create(
             return Err(ApiError::TooManySessions { limit });
         }
     }
+    // The token's policy (model, budget, concurrency, rate) applies to starting the agent,
+    // and just the same to taking a pooled session.
+    let _admission = state.admitter.admit(token, &input.model).await?;
+    if pool::fits(&state.config, &input) {
+        if let Some(s) = pool::take(state, token_id).await? {
+            return Ok(s);
+        }
+    }
     let id = new_id("ses_");
     // Held until the row exists, so the sweeper never takes the new dir for an orphan.
     let _claim = state
         .active
         .claim(&id, Kind::Creating)
         .map_err(|_| ApiError::internal("a new session id is already in use"))?;
-    // The token's policy (model, budget, concurrency, rate) applies to starting the agent.
-    let _admission = state.admitter.admit(token, &input.model).await?;
-    let dir = state.config.sessions_dir.join(&id);
+    let (t, record_id) = ensure_new(state, &id, &input).await?;
+    let record = new_record(&id, token_id, input, &t, record_id, "open");
+    let row = record.clone();
+    if let Err(e) = state.db.write(move |c| store::insert(c, &row)).await {
+        // A session without a row (a full disk) is nobody's: acpx closes it, and its queue
+        // owner, records and dir go now rather than linger.
+        let _ = acpx::control(&state.config, &state.db, &t, t.close_args(), CLOSE_LIMIT).await;
+        forget(state, &id, record.acpx_record_id.as_deref(), &t.cwd).await;
+        return Err(e.into());
+    }
+    Ok(record)
+}
+
+/// The row of a session acpx just created as `t`.
+fn new_record(
+    id: &str,
+    token_id: &str,
+    input: CreateInput,
+    t: &Target,
+    record_id: String,
+    status: &str,
+) -> SessionRecord {
+    let now = now_ms();
+    SessionRecord {
+        session_id: id.to_string(),
+        token_id: token_id.to_string(),
+        agent: input.agent,
+        model: input.model,
+        system_prompt: input.system,
+        acpx_name: id.to_string(),
+        acpx_record_id: Some(record_id),
+        cwd: t.cwd.display().to_string(),
+        status: status.into(),
+        created_at: now,
+        last_used_at: now,
+        closed_at: None,
+        turn_count: 0,
+        cost_total: 0.0,
+        busy: false,
+    }
+}
+
+/// Makes session `id`'s working dir and has acpx create the session there; the target
+/// and acpx's record id. On failure nothing is left behind.
+async fn ensure_new(
+    state: &Sessions,
+    id: &str,
+    input: &CreateInput,
+) -> Result<(Target, String), ApiError> {
+    let dir = state.config.sessions_dir.join(id);
     tokio::fs::create_dir_all(&dir).await?;
     // acpx keys sessions by absolute cwd; a relative ACPX_SESSIONS_CWD must not leak in.
     let cwd = tokio::fs::canonicalize(&dir).await?;
     let t = Target {
         agent: input.agent.clone(),
         cwd: cwd.clone(),
-        name: id.clone(),
+        name: id.to_string(),
     };
     let ensured = acpx::control(
         &state.config,
@@ -293,38 +424,19 @@ pub async fn create(
             "the agent could not start a session: {why}"
         )));
     };
-    let now = now_ms();
-    let record = SessionRecord {
-        session_id: id.clone(),
-        token_id: token_id.to_string(),
-        agent: input.agent,
-        model: input.model,
-        system_prompt: input.system,
-        acpx_name: id,
-        acpx_record_id: Some(record_id),
-        cwd: cwd.display().to_string(),
-        status: "open".into(),
-        created_at: now,
-        last_used_at: now,
-        closed_at: None,
-        turn_count: 0,
-        cost_total: 0.0,
-        busy: false,
-    };
-    let row = record.clone();
-    if let Err(e) = state.db.write(move |c| store::insert(c, &row)).await {
-        // A session without a row (a full disk) is nobody's: acpx closes it, and its queue
-        // owner, records and dir go now rather than linger.
-        let _ = acpx::control(&state.config, &state.db, &t, t.close_args(), CLOSE_LIMIT).await;
-        let record_id = record.acpx_record_id.as_deref();
-        if let (Some(home), Some(record_id)) = (state.home(), record_id) {
-            acpx::stop_queue_owner(&home, record_id).await;
-        }
-        acpx::delete_records(&state.config, record_id, &cwd);
-        crate::process::remove_dir(&cwd);
-        return Err(e.into());
+    Ok((t, record_id))
+}
+
+/// Removes what a session that nobody will use has outside its row: its pre-started
+/// client, its queue owner with the agent, acpx's records, Claude Code's transcript and
+/// its working dir.
+async fn forget(state: &Sessions, id: &str, record_id: Option<&str>, cwd: &std::path::Path) {
+    state.warm.forget(id);
+    if let (Some(home), Some(record_id)) = (state.home(), record_id) {
+        acpx::stop_queue_owner(&home, record_id).await;
     }
-    Ok(record)
+    acpx::delete_records(&state.config, record_id, cwd);
+    crate::process::remove_dir(cwd);
 }
 
 /// The caller's session (another token's is `not_found`, like a missing one), with `busy`.
@@ -407,6 +519,8 @@ pub async fn close_for(
 /// readable until the hard TTL.
 pub async fn close(state: &Sessions, s: &SessionRecord, why: &str) -> Result<(), ApiError> {
     let _claim = state.active.claim_close(&s.session_id).await;
+    // A client waiting for this session's next turn has no turn to wait for.
+    state.warm.forget(&s.session_id);
     let id = s.session_id.clone();
     let current = state.db.read(move |c| store::get(c, &id)).await?;
     if current.as_ref().is_none_or(|c| c.status != "open") {

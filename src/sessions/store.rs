@@ -120,7 +120,7 @@ pub fn list_for(
 }
 
 /// Every token's sessions (for the operator), newest first; `token_id` and `status`
-/// filter when given.
+/// filter when given. Pooled ones are nobody's yet and not shown.
 pub fn list_all(
     conn: &Connection,
     token_id: Option<&str>,
@@ -128,7 +128,8 @@ pub fn list_all(
 ) -> rusqlite::Result<Vec<SessionRecord>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM sessions WHERE (?1 IS NULL OR token_id = ?1)
-         AND (?2 IS NULL OR status = ?2) ORDER BY created_at DESC, id DESC"
+         AND (?2 IS NULL OR status = ?2) AND status NOT IN ('{POOLED}', '{WARMING}')
+         ORDER BY created_at DESC, id DESC"
     ))?;
     let rows = stmt.query_map(params![token_id, status], from_row)?;
     rows.collect()
@@ -170,9 +171,11 @@ pub fn closed_before(conn: &Connection, cutoff: i64) -> rusqlite::Result<Vec<Ses
     select_where(conn, "status = 'closed' AND closed_at < ?1", [cutoff])
 }
 
-/// The ids of every open session.
+/// The ids of every open session, pooled ones included (their dirs are in use).
 pub fn open_ids(conn: &Connection) -> rusqlite::Result<std::collections::HashSet<String>> {
-    let mut stmt = conn.prepare_cached("SELECT id FROM sessions WHERE status = 'open'")?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT id FROM sessions WHERE status IN ('open', '{POOLED}', '{WARMING}')"
+    ))?;
     let rows = stmt.query_map([], |r| r.get(0))?;
     rows.collect()
 }
@@ -210,4 +213,55 @@ pub fn mark_closed(conn: &Connection, id: &str, now: i64) -> rusqlite::Result<()
 pub fn delete(conn: &Connection, id: &str) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
     Ok(())
+}
+/// Status of a session made ahead of time and ready to be taken; `token_id` is empty.
+pub const POOLED: &str = "pooled";
+/// Status of a pooled session whose agent is still being started: not taken yet.
+pub const WARMING: &str = "warming";
+
+/// Hands the oldest pooled session for `agent` and `model` with no system prompt to
+/// `token_id`, as if created `now`; `None` when there is none.
+pub fn take_pooled(
+    conn: &Connection,
+    token_id: &str,
+    agent: &str,
+    model: &str,
+    now: i64,
+) -> rusqlite::Result<Option<SessionRecord>> {
+    conn.query_row(
+        &format!(
+            "UPDATE sessions SET token_id = ?1, status = 'open', created_at = ?4, last_used_at = ?4
+             WHERE id = (SELECT id FROM sessions
+                         WHERE status = '{POOLED}' AND agent = ?2 AND model = ?3
+                           AND system_prompt IS NULL
+                         ORDER BY created_at, id LIMIT 1)
+             RETURNING {COLUMNS}"
+        ),
+        params![token_id, agent, model, now],
+        from_row,
+    )
+    .optional()
+}
+
+/// A warming session is ready to be taken.
+pub fn mark_pooled(conn: &Connection, id: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        &format!("UPDATE sessions SET status = '{POOLED}' WHERE id = ?1 AND status = '{WARMING}'"),
+        [id],
+    )?;
+    Ok(())
+}
+
+/// Every pooled or warming session.
+pub fn pooled(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> {
+    select_where(conn, &format!("status IN ('{POOLED}', '{WARMING}')"), [])
+}
+
+/// Deletes pooled or warming session `id` unless it was taken; whether it was deleted.
+pub fn delete_pooled(conn: &Connection, id: &str) -> rusqlite::Result<bool> {
+    let n = conn.execute(
+        &format!("DELETE FROM sessions WHERE id = ?1 AND status IN ('{POOLED}', '{WARMING}')"),
+        [id],
+    )?;
+    Ok(n > 0)
 }

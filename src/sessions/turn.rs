@@ -12,6 +12,7 @@
 //! turn within a few seconds, the `acpx prompt` group and the queue owner's group (adapter
 //! and `claude`) are killed; the next turn starts the agent afresh and resumes the session.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,9 +28,10 @@ use super::store::{self, SessionRecord};
 use super::{target, Claim, Sessions};
 use crate::audit::{Completion, Outcome};
 use crate::auth::tokens::TokenRecord;
-use crate::config::{Config, SessionPermissions};
+use crate::config::Config;
 use crate::error::ApiError;
 use crate::governance::Admission;
+use crate::process::Proc;
 use crate::runner::claude_json::{answer_or_error, clip, usage_limit};
 use crate::store::Db;
 use crate::supervise::{
@@ -78,8 +80,10 @@ pub struct PreparedTurn {
     claim: Claim,
     /// `None` when the turn was cancelled or its session closed while it waited for one.
     admission: Option<Admission>,
-    /// The token's permission mode, else the server's.
-    permissions: SessionPermissions,
+    /// The `acpx prompt` argv (with the token's permission mode, else the server's).
+    args: Vec<OsString>,
+    /// The client pre-started for this turn, if one fitted (see `warm`).
+    client: Option<Proc>,
     timeout: Duration,
     prompt_text: String,
     audit: AuditGuard,
@@ -103,13 +107,24 @@ pub async fn prepare_turn(
         }
     };
     let s = open(super::get(state, token_id, id).await?)?;
-    let claim = state.active.claim_turn(&s.session_id)?;
+    let claim = state.active.claim_turn(&s.session_id).await?;
     // A close may have finished between the first read and the claim.
     let s = open(super::get(state, token_id, id).await?)?;
     let admission = tokio::select! {
         admitted = state.admitter.admit(token, &s.model) => Some(admitted?),
         _ = claim.stop.stopped() => None,
     };
+    let permissions = token
+        .policy
+        .session_permissions
+        .unwrap_or(state.config.settings.session_permissions);
+    let args = target(&s).prompt_args(
+        &state.config,
+        permissions,
+        &s.model,
+        s.system_prompt.as_deref(),
+    );
+    let client = state.warm.take_client(&s.session_id, &args);
     let cwd = PathBuf::from(&s.cwd);
     tokio::fs::create_dir_all(&cwd).await?;
     let (prompt_text, audit) = state
@@ -122,7 +137,12 @@ pub async fn prepare_turn(
             prompt: &input.prompt,
             files: &input.files,
             dir: &cwd,
-            warm_pool: WarmPoolUse::NotPooled,
+            // For a turn, "warm" means its acpx client was started ahead.
+            warm_pool: if client.is_some() {
+                WarmPoolUse::Hit
+            } else {
+                WarmPoolUse::Miss
+            },
         })
         .await?;
     Ok(PreparedTurn {
@@ -130,10 +150,8 @@ pub async fn prepare_turn(
         session: s,
         claim,
         admission,
-        permissions: token
-            .policy
-            .session_permissions
-            .unwrap_or(state.config.settings.session_permissions),
+        args,
+        client,
         timeout: input.timeout,
         prompt_text,
         audit,
@@ -232,7 +250,8 @@ pub async fn execute_turn(
         session,
         claim,
         admission,
-        permissions,
+        args,
+        client,
         timeout,
         prompt_text,
         mut audit,
@@ -275,19 +294,20 @@ pub async fn execute_turn(
     };
 
     let t = target(&session);
-    let args = t.prompt_args(
-        &state.config,
-        permissions,
-        &session.model,
-        session.system_prompt.as_deref(),
-    );
     let stop = claim.stop.clone();
-    let job = Job {
-        kind: Kind::Turn,
-        child: Child::Spawn {
+    let child = match client {
+        Some(mut proc) => {
+            proc.feed_and_close(prompt_text.as_bytes()).await;
+            Child::Started(Box::new(proc))
+        }
+        None => Child::Spawn {
             spec: t.spec(&state.config, args, Some(audit.id)),
             stdin: prompt_text,
         },
+    };
+    let job = Job {
+        kind: Kind::Turn,
+        child,
         fold: AcpFold {
             log: TurnLog::default(),
             cost_before: session.cost_total,

@@ -464,6 +464,9 @@ async fn sigkill_at_random_points_leaves_a_sound_state_after_each_restart() {
     let extra = [
         ("ADMIN_BOOTSTRAP_TOKEN", ADMIN),
         ("CLAWDFORGE_WARM_POOL", "0"),
+        // The session pool's background work would be "processes left" at every check;
+        // the pool has its own shutdown and restart test (tests/api/sessions_pool.rs).
+        ("CLAWDFORGE_SESSION_POOL", "0"),
         ("HOME", home_s.as_str()),
         (mark_key, mark_value),
     ];

@@ -72,6 +72,9 @@ pub fn test_config(dir: &Path) -> Config {
     config.settings.allow_cidrs = Vec::new();
     config.settings.trusted_proxies = Vec::new();
     config.settings.warm_pool = test_warm_pool();
+    // Pooled sessions would run acpx in the background of every test; the pool's own
+    // tests turn it on.
+    config.settings.session_pool = 0;
     let record = dir.join("records");
     std::fs::create_dir_all(&record).unwrap();
     let home = dir.join("home");
@@ -294,8 +297,18 @@ pub fn alive(pid: i32) -> bool {
 
 /// Waits (bounded) until `cond` holds, polling: for state the server settles asynchronously
 /// after it has answered (a killed process group disappearing). Panics with `what`.
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+pub async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    eventually_within(what, std::time::Duration::from_secs(15), cond).await
+}
+
+/// [`eventually`] with its own bound, for what the real agents do in the background
+/// (starting one takes several seconds on a loaded machine).
+pub async fn eventually_within(
+    what: &str,
+    limit: std::time::Duration,
+    mut cond: impl FnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + limit;
     while !cond() {
         assert!(
             std::time::Instant::now() < deadline,
@@ -762,4 +775,62 @@ pub async fn openapi_doc(s: &TestServer) -> Value {
     let res = s.req(Method::GET, "/openapi.json").send().await.unwrap();
     assert_eq!(res.status(), 200);
     res.json().await.unwrap()
+}
+
+// ---- Sessions with the real stack: acpx's queue owners and the agent processes ----
+
+/// Pids named by acpx's queue-owner locks under `home`.
+pub fn owner_pids(home: &Path) -> Vec<i32> {
+    std::fs::read_dir(home.join(".acpx/queues"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .filter_map(|t| serde_json::from_str::<Value>(&t).ok())
+                .filter_map(|v| v["pid"].as_i64())
+                .map(|p| p as i32)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Live processes started with `HOME=home` (acpx clients, queue owners, adapters, claude).
+pub fn agent_processes(home: &Path) -> Vec<i32> {
+    let needle = format!("HOME={}", home.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let env = std::fs::read(e.path().join("environ")).ok()?;
+            (env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) && alive(pid)).then_some(pid)
+        })
+        .collect()
+}
+
+/// The `HOME` a test server's children get (tests/api/harness.rs `test_config`).
+pub fn home(s: &TestServer) -> PathBuf {
+    s.dir.path().join("home")
+}
+
+/// The conversation request whose newest prompt contains `needle`.
+pub fn request_for(fake: &FakeUpstream, needle: &str) -> Value {
+    fake.conversation_requests()
+        .into_iter()
+        .rev()
+        .find(|r| crate::fake_upstream::prompt_text(r).contains(needle))
+        .unwrap_or_else(|| panic!("no request for {needle}: {:?}", fake.prompts()))
+}
+
+/// Pids of the acpx clients waiting for session `id`'s next turn (`acpx … prompt -s ID`).
+pub fn client_pids(home: &Path, id: &str) -> Vec<i32> {
+    agent_processes(home)
+        .into_iter()
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.windows(2)
+                .any(|w| w[0] == b"-s" && w[1] == id.as_bytes())
+                && args.contains(&b"prompt".as_slice())
+        })
+        .collect()
 }

@@ -25,5 +25,6 @@ mod run_tools;
 mod runs;
 mod sdk;
 mod sessions;
+mod sessions_pool;
 mod sessions_real;
 mod warm;

@@ -3,48 +3,21 @@
 //! across turns and restarts, the detached queue owner, cancel/timeout through it, and
 //! acpx's own files.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::fake_upstream::{conversation_text, system_text, FakeUpstream, Reply};
-use crate::harness::{alive, body, eventually, real_bin, TestServer};
+use crate::harness::{agent_processes, client_pids, home, owner_pids, request_for};
+use crate::harness::{alive, body, eventually, real_bin};
 use crate::harness::{call, create, served_session, spawn_served_turn, spawn_turn, turn};
 use crate::harness::{real_server, real_server_in};
 
 /// The session idle TTL, hence acpx's `--ttl`: a test that fails before closing its
 /// session leaves a warm agent behind for this long, not the default hour.
 const OWNER_TTL: u64 = 300;
-
-/// Pids named by acpx's queue-owner locks under `home`.
-fn owner_pids(home: &Path) -> Vec<i32> {
-    std::fs::read_dir(home.join(".acpx/queues"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                .filter_map(|t| serde_json::from_str::<Value>(&t).ok())
-                .filter_map(|v| v["pid"].as_i64())
-                .map(|p| p as i32)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Live processes started with `HOME=home` (acpx clients, queue owners, adapters, claude).
-fn agent_processes(home: &Path) -> Vec<i32> {
-    let needle = format!("HOME={}", home.display());
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
-            let env = std::fs::read(e.path().join("environ")).ok()?;
-            (env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) && alive(pid)).then_some(pid)
-        })
-        .collect()
-}
 
 fn pgid(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -54,19 +27,6 @@ fn pgid(pid: i32) -> Option<i32> {
         .nth(2)?
         .parse()
         .ok()
-}
-
-fn home(s: &TestServer) -> PathBuf {
-    s.dir.path().join("home")
-}
-
-/// The conversation request whose newest prompt contains `needle`.
-fn request_for(fake: &FakeUpstream, needle: &str) -> Value {
-    fake.conversation_requests()
-        .into_iter()
-        .rev()
-        .find(|r| crate::fake_upstream::prompt_text(r).contains(needle))
-        .unwrap_or_else(|| panic!("no request for {needle}: {:?}", fake.prompts()))
 }
 
 #[tokio::test]
@@ -163,7 +123,11 @@ async fn real_acpx_carries_context_across_turns_and_a_restart() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    eventually("the agent is dead", || agent_processes(&home).is_empty()).await;
+    // Only the client started ahead for the next turn is left; it starts a new agent.
+    eventually("the agent is dead", || {
+        agent_processes(&home) == client_pids(&home, &id)
+    })
+    .await;
     let started = Instant::now();
     let (st, v) = turn(&s, &t, &id, json!({"prompt": "once more TURNFOUR"})).await;
     let resumed = started.elapsed();
@@ -319,6 +283,8 @@ async fn real_acpx_survivors_of_a_sigkilled_server_are_stopped_at_start_up() {
         ),
         // Warm-pool claude processes share HOME and would be counted as agents here.
         ("CLAWDFORGE_WARM_POOL".to_string(), "0".to_string()),
+        // So would the session pool's agent; its own kill test is in sessions_pool.rs.
+        ("CLAWDFORGE_SESSION_POOL".to_string(), "0".to_string()),
     ]);
     let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let data = dir.path().join("data");
