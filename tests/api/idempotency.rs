@@ -346,3 +346,28 @@ async fn a_stream_over_the_cap_replays_its_first_and_last_events() {
     assert_eq!(again, kept);
     assert_eq!(records(&s.record_dir).len(), 1);
 }
+
+#[tokio::test]
+async fn concurrent_first_requests_with_one_key_run_once() {
+    let s = TestServer::start().await;
+    let (id, t) = s.mint("app").await;
+    let release = s.dir.path().join("release");
+    let b = json!({"prompt": format!("@stub:wait-file={}", release.display())});
+    let sent: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(keyed_answer(keyed(&s, &t, "/run", b"race", &b))))
+        .collect();
+    // Four answer at once (busy); the one holding the key waits for the release.
+    eventually("four of five answered", || {
+        sent.iter().filter(|h| h.is_finished()).count() == 4
+    })
+    .await;
+    std::fs::write(&release, "").unwrap();
+    let mut statuses = Vec::new();
+    for h in sent {
+        statuses.push(h.await.unwrap().0);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 409, 409, 409, 409]);
+    assert_eq!(records(&s.record_dir).len(), 1);
+    assert_eq!(usage_ledger(&s, &id), (1, 1));
+}
