@@ -310,7 +310,8 @@ fn spawn_last_used_flusher(state: Arc<AppState>) {
 ///    are stopped, and stale acpx locks removed;
 /// 4. uploads interrupted mid-write are removed;
 /// 5. audit rows still `running` (the work in flight) are marked `abandoned` — last, so
-///    nothing of that work can still be running when its row says it ended.
+///    nothing of that work can still be running when its row says it ended — and the
+///    `Idempotency-Key`s that work held are released, so a retry runs it afresh.
 ///
 /// Then `App::start` runs one sweep pass (idle sessions, expired uploads, old audit rows)
 /// before the server listens.
@@ -343,6 +344,8 @@ async fn reconcile(db: &Db, config: &Config) -> anyhow::Result<()> {
             "marked work in flight at the last shutdown as abandoned"
         );
     }
+    db.write(|c| crate::governance::idempotency::release_running(c))
+        .await?;
     Ok(())
 }
 

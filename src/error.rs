@@ -27,6 +27,12 @@ pub enum ApiError {
     Busy,
     #[error("the session is closed")]
     SessionClosed,
+    /// The first request with this `Idempotency-Key` has not answered yet.
+    #[error("a request with this Idempotency-Key is still running; repeat it once that one has answered")]
+    IdempotencyBusy,
+    /// This `Idempotency-Key` came with a different request.
+    #[error("this Idempotency-Key was used with a different request (route or body); use a new key for a new request")]
+    IdempotencyMismatch,
     #[error("{0}")]
     TooLarge(String),
     #[error("the server is busy; try again later")]
@@ -79,6 +85,7 @@ pub enum ErrorCode {
     MethodNotAllowed,
     Busy,
     SessionClosed,
+    IdempotencyMismatch,
     TooLarge,
     Overloaded,
     RateLimited,
@@ -124,7 +131,10 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Busy | ApiError::SessionClosed => StatusCode::CONFLICT,
+            ApiError::Busy | ApiError::SessionClosed | ApiError::IdempotencyBusy => {
+                StatusCode::CONFLICT
+            }
+            ApiError::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded { .. }
             | ApiError::TokenOverloaded { .. }
@@ -151,7 +161,8 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::Busy => "busy",
+            ApiError::Busy | ApiError::IdempotencyBusy => "busy",
+            ApiError::IdempotencyMismatch => "idempotency_mismatch",
             ApiError::SessionClosed => "session_closed",
             ApiError::TooLarge(_) => "too_large",
             ApiError::Overloaded { .. }
@@ -177,7 +188,7 @@ impl ApiError {
                 retry_after_secs, ..
             } => Some((*retry_after_secs).max(1)),
             // Nothing says when one of the token's runs will end; a second is a fair poll.
-            ApiError::TokenOverloaded { .. } => Some(1),
+            ApiError::TokenOverloaded { .. } | ApiError::IdempotencyBusy => Some(1),
             // Sessions end when their owner closes them or they idle out; a minute is a
             // fair poll.
             ApiError::TooManySessions { .. } => Some(60),

@@ -2,8 +2,8 @@
 //! and once at start-up, it soft-closes sessions idle past `CLAWDFORGE_SESSION_TTL_SECS`
 //! (and those of tokens revoked offline), deletes sessions closed past
 //! `CLAWDFORGE_SESSION_HARD_TTL_SECS` with their acpx records, deletes expired uploads,
-//! removes run and session dirs that nothing owns, and trims the audit log past
-//! `CLAWDFORGE_AUDIT_RETENTION_DAYS`. [`sweep_once`] is one pass, callable from tests.
+//! removes run and session dirs that nothing owns, trims the audit log past
+//! `CLAWDFORGE_AUDIT_RETENTION_DAYS`, and deletes `Idempotency-Key`s older than 24 h. [`sweep_once`] is one pass, callable from tests.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -17,6 +17,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::governance::idempotency;
 use crate::metrics::Metrics;
 use crate::sessions::{self, store, Sessions};
 use crate::store::Db;
@@ -38,6 +39,7 @@ pub struct SweepReport {
     pub run_dirs_removed: usize,
     pub session_dirs_removed: usize,
     pub audit_rows_deleted: usize,
+    pub idempotency_keys_deleted: usize,
 }
 
 /// One pass. Passes never overlap (a slow one delays the next); a step that fails is
@@ -80,6 +82,13 @@ pub async fn sweep_once(state: &Sweep) -> SweepReport {
                 .write(move |c| crate::audit::trim_before(c, cutoff))
                 .await
         }),
+        idempotency_keys_deleted: counted("deleting old idempotency keys", {
+            let cutoff = now.saturating_sub(idempotency::KEEP_MS);
+            state
+                .db
+                .write(move |c| idempotency::delete_before(c, cutoff))
+                .await
+        }),
     };
     for (action, n) in [
         ("session_closed", report.sessions_closed),
@@ -88,6 +97,7 @@ pub async fn sweep_once(state: &Sweep) -> SweepReport {
         ("run_dir_removed", report.run_dirs_removed),
         ("session_dir_removed", report.session_dirs_removed),
         ("audit_row_deleted", report.audit_rows_deleted),
+        ("idempotency_key_deleted", report.idempotency_keys_deleted),
     ] {
         state.metrics.sweeper_action(action, n as u64);
     }
@@ -101,6 +111,7 @@ pub async fn sweep_once(state: &Sweep) -> SweepReport {
             run_dirs_removed = report.run_dirs_removed,
             session_dirs_removed = report.session_dirs_removed,
             audit_rows_deleted = report.audit_rows_deleted,
+            idempotency_keys_deleted = report.idempotency_keys_deleted,
             "sweep"
         );
     }

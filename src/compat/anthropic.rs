@@ -197,7 +197,7 @@ pub fn message(a: &RunAnswer, model: &str) -> Value {
 /// code beside it.
 pub fn error_body(e: &ApiError) -> Value {
     let kind = match e.status().as_u16() {
-        400 | 405 => "invalid_request_error",
+        400 | 405 | 422 => "invalid_request_error",
         401 => "authentication_error",
         402 => "billing_error",
         403 => "permission_error",

@@ -244,7 +244,7 @@ pub fn completion(a: &RunAnswer, model: &str, created: i64) -> Value {
 /// clawdforge code.
 pub fn error_body(e: &ApiError, param: Option<&str>) -> Value {
     let kind = match e.status().as_u16() {
-        400 | 404 | 413 => "invalid_request_error",
+        400 | 404 | 413 | 422 => "invalid_request_error",
         401 => "authentication_error",
         402 => "insufficient_quota",
         403 => "permission_error",

@@ -83,6 +83,10 @@ impl FromRequestParts<Arc<AppState>> for AppCaller {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
+        // Authenticated already by a layer (`http::idempotency`).
+        if let Some(caller) = parts.extensions.get::<AppCaller>() {
+            return Ok(caller.clone());
+        }
         let ip = client_ip(parts)?;
         authenticate(state, ip, bearer(parts)).await
     }
@@ -91,6 +95,9 @@ impl FromRequestParts<Arc<AppState>> for AppCaller {
 /// The SDK routes' caller: the app token as `Authorization: Bearer` (OpenAI SDKs, and the
 /// `anthropic` Python SDK 2.10.0) or `x-api-key` (other Anthropic clients).
 pub async fn sdk_caller(state: &AppState, parts: &Parts) -> Result<AppCaller, ApiError> {
+    if let Some(caller) = parts.extensions.get::<AppCaller>() {
+        return Ok(caller.clone());
+    }
     let ip = client_ip(parts)?;
     let key = bearer(parts).or_else(|| {
         parts

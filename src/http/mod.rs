@@ -8,6 +8,7 @@ pub mod console_auth;
 pub mod extract;
 pub mod files;
 pub mod health;
+pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
 pub mod operator;
@@ -18,6 +19,7 @@ pub mod sessions;
 pub mod usage;
 pub mod v1;
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,7 +113,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/status", get(operator::status))
         .route("/admin/sessions", get(operator::sessions))
         .route("/admin/sessions/{id}", delete(operator::close_session))
-        .merge(app_routes(&state.config.settings.cors_origins, image_limit))
+        .merge(app_routes(&state, image_limit))
         .route("/metrics", get(metrics::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .merge(console)
@@ -133,27 +135,42 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// The routes apps call with their tokens: the only ones browser pages from
 /// `CLAWDFORGE_CORS_ORIGINS` may reach (preflights answered, credentials never allowed).
-fn app_routes(cors_origins: &[String], image_limit: usize) -> Router<Arc<AppState>> {
+/// The four that start agent work take `Idempotency-Key` (one layer, inside each route's
+/// body limit, which it reads the body under).
+fn app_routes(state: &Arc<AppState>, image_limit: usize) -> Router<Arc<AppState>> {
+    use idempotency::{idempotent, Wire};
+    let keyed = |wire: Wire| middleware::from_fn_with_state((state.clone(), wire), idempotent);
+    let openai = Wire::Sdk(v1::Flavor::OpenAi);
+    let anthropic = Wire::Sdk(v1::Flavor::Anthropic);
     let routes = Router::new()
         // Routes taking images: the JSON limit grows by what 8 images at their limit need.
         .route(
             "/run",
-            post(runs::run).layer(DefaultBodyLimit::max(image_limit)),
+            post(runs::run)
+                .layer::<_, Infallible>(keyed(Wire::Envelope))
+                .layer(DefaultBodyLimit::max(image_limit)),
         )
         .route("/runs/{run_id}/cancel", post(runs::cancel))
         .route(
             "/v1/chat/completions",
-            post(v1::chat_completions).layer(DefaultBodyLimit::max(image_limit)),
+            post(v1::chat_completions)
+                .layer::<_, Infallible>(keyed(openai))
+                .layer(DefaultBodyLimit::max(image_limit)),
         )
         .route(
             "/v1/messages",
-            post(v1::messages).layer(DefaultBodyLimit::max(image_limit)),
+            post(v1::messages)
+                .layer::<_, Infallible>(keyed(anthropic))
+                .layer(DefaultBodyLimit::max(image_limit)),
         )
         .route("/v1/models", get(v1::list_models))
         .route("/v1/models/{id}", get(v1::get_model))
         .route("/sessions", get(sessions::list).post(sessions::create))
         .route("/sessions/{id}", get(sessions::get).delete(sessions::close))
-        .route("/sessions/{id}/turn", post(sessions::turn))
+        .route(
+            "/sessions/{id}/turn",
+            post(sessions::turn).layer(keyed(Wire::Envelope)),
+        )
         .route("/sessions/{id}/cancel", post(sessions::cancel))
         // Uploads are streamed to disk and count their own bytes against
         // CLAWDFORGE_MAX_UPLOAD_BYTES; the JSON body limit does not apply to them.
@@ -166,6 +183,7 @@ fn app_routes(cors_origins: &[String], image_limit: usize) -> Router<Arc<AppStat
             get(files::show).delete(files::delete),
         )
         .route("/usage", get(usage::usage));
+    let cors_origins = &state.config.settings.cors_origins;
     if cors_origins.is_empty() {
         return routes;
     }
@@ -195,7 +213,11 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
             HeaderName::from_static("x-api-key"),
             HeaderName::from_static("anthropic-version"),
         ])
-        .expose_headers([REQUEST_ID.clone(), header::RETRY_AFTER])
+        .expose_headers([
+            REQUEST_ID.clone(),
+            header::RETRY_AFTER,
+            HeaderName::from_static(idempotency::REPLAYED_HEADER),
+        ])
         .allow_credentials(false)
         .max_age(Duration::from_secs(600))
 }

@@ -110,14 +110,16 @@ pub fn healthz() {}
 
 #[utoipa::path(post, path = "/run", tag = "runs", security(("app" = [])),
     description = "A one-shot `claude -p`. With `\"stream\": true` or `Accept: text/event-stream`: SSE (`event: claude` per line, then `event: result` or `event: error`). The answer's `X-Run-Id` header names the run (for `POST /runs/{run_id}/cancel`); a streamed answer sends it before the first event.",
-    request_body = RunBody,
+    request_body = RunBody, params(("Idempotency-Key" = Option<String>, Header, description = "1..255 visible ASCII characters. A repeat with the same key and request within 24 h gets the first answer again (with `Idempotent-Replayed: true`) without a second run; see the README.")),
     responses(
-        (status = 200, content((RunAnswer = "application/json"), (RunEvent = "text/event-stream"))),
+        (status = 200, content((RunAnswer = "application/json"), (RunEvent = "text/event-stream")), headers(("Idempotent-Replayed" = String, description = "`true` when the answer is the replay of the first answer to this Idempotency-Key"))),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 402, description = "budget_exhausted", body = ErrorBody),
         (status = 403, description = "address or model not allowed", body = ErrorBody),
         (status = 404, description = "an attached file is unknown", body = ErrorBody),
+        (status = 409, description = "busy: the first request with this Idempotency-Key still runs", body = ErrorBody),
         (status = 413, body = ErrorBody),
+        (status = 422, description = "idempotency_mismatch: the Idempotency-Key came with another request", body = ErrorBody),
         (status = 429, description = "overloaded, rate_limited or usage_limit; Retry-After set", body = ErrorBody),
         (status = 502, body = ErrorBody), (status = 504, body = ErrorBody)))]
 pub fn run() {}
@@ -169,14 +171,16 @@ pub fn get_session() {}
 pub fn close_session() {}
 
 #[utoipa::path(post, path = "/sessions/{id}/turn", tag = "sessions", security(("app" = [])),
-    params(("id" = String, Path)), request_body = TurnBody,
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "1..255 visible ASCII characters. A repeat with the same key and request within 24 h gets the first answer again (with `Idempotent-Replayed: true`) without a second run; see the README.")), request_body = TurnBody,
     responses(
-        (status = 200, content((TurnAnswer = "application/json"), (TurnEvent = "text/event-stream"))),
+        (status = 200, content((TurnAnswer = "application/json"), (TurnEvent = "text/event-stream")), headers(("Idempotent-Replayed" = String, description = "`true` when the answer is the replay of the first answer to this Idempotency-Key"))),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 402, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
-        (status = 409, description = "busy or session_closed", body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 409, description = "busy (a turn runs in the session, or the first request with this Idempotency-Key still runs) or session_closed", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 422, description = "idempotency_mismatch", body = ErrorBody),
+        (status = 429, body = ErrorBody),
         (status = 502, body = ErrorBody), (status = 504, body = ErrorBody)))]
 pub fn turn() {}
 
@@ -303,21 +307,25 @@ pub fn metrics() {}
 
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "sdk", security(("app" = [])),
     description = "OpenAI Chat Completions. Auth: `Authorization: Bearer` or `x-api-key`. With `\"stream\": true`: `data: {chat.completion.chunk}` events, then `data: [DONE]`. Errors: `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
-    request_body(content = Object, description = "An OpenAI chat completion request."),
+    request_body(content = Object, description = "An OpenAI chat completion request."), params(("Idempotency-Key" = Option<String>, Header, description = "1..255 visible ASCII characters. A repeat with the same key and request within 24 h gets the first answer again (with `Idempotent-Replayed: true`) without a second run; see the README.")),
     responses(
-        (status = 200, description = "A `chat.completion` (or its SSE chunks).", content((Object = "application/json"), (String = "text/event-stream"))),
+        (status = 200, description = "A `chat.completion` (or its SSE chunks).", content((Object = "application/json"), (String = "text/event-stream")), headers(("Idempotent-Replayed" = String, description = "`true` when the answer is the replay of the first answer to this Idempotency-Key"))),
         (status = 400, body = Object), (status = 401, body = Object), (status = 402, body = Object),
-        (status = 403, body = Object), (status = 413, body = Object), (status = 429, body = Object),
+        (status = 403, body = Object), (status = 409, description = "busy: Idempotency-Key in use", body = Object),
+        (status = 413, body = Object), (status = 422, description = "idempotency_mismatch", body = Object),
+        (status = 429, body = Object),
         (status = 502, body = Object), (status = 504, body = Object)))]
 pub fn chat_completions() {}
 
 #[utoipa::path(post, path = "/v1/messages", tag = "sdk", security(("app" = [])),
     description = "Anthropic Messages. Auth: `x-api-key` or `Authorization: Bearer`. With `\"stream\": true`: Anthropic's event sequence (`message_start` … `message_stop`). Errors: `{\"type\": \"error\", \"error\": {\"type\", \"message\", \"code\"}}`.",
-    request_body(content = Object, description = "An Anthropic messages request."),
+    request_body(content = Object, description = "An Anthropic messages request."), params(("Idempotency-Key" = Option<String>, Header, description = "1..255 visible ASCII characters. A repeat with the same key and request within 24 h gets the first answer again (with `Idempotent-Replayed: true`) without a second run; see the README.")),
     responses(
-        (status = 200, description = "A `message` (or its SSE events).", content((Object = "application/json"), (String = "text/event-stream"))),
+        (status = 200, description = "A `message` (or its SSE events).", content((Object = "application/json"), (String = "text/event-stream")), headers(("Idempotent-Replayed" = String, description = "`true` when the answer is the replay of the first answer to this Idempotency-Key"))),
         (status = 400, body = Object), (status = 401, body = Object), (status = 402, body = Object),
-        (status = 403, body = Object), (status = 413, body = Object), (status = 429, body = Object),
+        (status = 403, body = Object), (status = 409, description = "busy: Idempotency-Key in use", body = Object),
+        (status = 413, body = Object), (status = 422, description = "idempotency_mismatch", body = Object),
+        (status = 429, body = Object),
         (status = 502, body = Object), (status = 504, body = Object)))]
 pub fn messages() {}
 
@@ -401,6 +409,7 @@ pub fn document() -> Value {
         schemas.insert("MintBody".into(), mint);
     }
     let envelope = serde_json::json!({"$ref": "#/components/schemas/Envelope"});
+    idempotency_key_bounds(&mut doc);
     if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
         let own = "/openapi.json";
         // The SDK routes answer in their APIs' own shapes, without `ok`.
@@ -425,6 +434,26 @@ pub fn document() -> Value {
         }
     }
     doc
+}
+
+/// The `Idempotency-Key` header parameters get the key's real bounds (utoipa's tuple
+/// parameters cannot state them).
+fn idempotency_key_bounds(doc: &mut Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let params = paths
+        .values_mut()
+        .filter_map(Value::as_object_mut)
+        .flat_map(|ops| ops.values_mut())
+        .filter_map(|op| op.get_mut("parameters").and_then(Value::as_array_mut))
+        .flatten()
+        .filter(|p| p["name"] == "Idempotency-Key");
+    for param in params {
+        param["schema"] = serde_json::json!({
+            "type": "string", "minLength": 1,
+            "maxLength": crate::governance::idempotency::MAX_KEY_LEN, "pattern": "^[!-~]+$"});
+    }
 }
 
 /// The document, with the bounds that depend on settings filled in from the running ones.
@@ -463,6 +492,8 @@ mod tests {
             ApiError::MethodNotAllowed,
             ApiError::Busy,
             ApiError::SessionClosed,
+            ApiError::IdempotencyBusy,
+            ApiError::IdempotencyMismatch,
             ApiError::TooLarge(String::new()),
             ApiError::Overloaded {
                 retry_after_secs: 1,

@@ -31,13 +31,13 @@ use crate::supervise::{self, SINK_CAPACITY, STALL_GRACE};
 
 /// Which API's shapes an answer takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Flavor {
+pub enum Flavor {
     OpenAi,
     Anthropic,
 }
 
 /// An error in the flavor's shape, with `Retry-After` and `WWW-Authenticate` as `/run`'s.
-fn error_response(flavor: Flavor, e: &CompatError) -> Response {
+pub fn error_response(flavor: Flavor, e: &CompatError) -> Response {
     if let ApiError::Internal(cause) = &e.error {
         tracing::error!(%cause, "internal error");
     }

@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_governance.sql"),
     include_str!("migrations/0005_allowed_tools.sql"),
     include_str!("migrations/0006_hardening.sql"),
+    include_str!("migrations/0007_idempotency.sql"),
 ];
 
 /// How long a connection waits for a lock held by another connection (or process, such as

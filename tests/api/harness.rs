@@ -153,15 +153,11 @@ impl TestServer {
         self.client.request(method, format!("{}{}", self.url, path))
     }
 
-    /// `GET path` without a token, as JSON.
+    /// `GET path` without a token, which must answer 200, as JSON.
     pub async fn get_json(&self, path: &str) -> Value {
-        self.req(Method::GET, path)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        let res = self.req(Method::GET, path).send().await.unwrap();
+        assert_eq!(res.status(), 200, "GET {path}");
+        res.json().await.unwrap()
     }
 
     pub fn admin(&self, method: Method, path: &str) -> RequestBuilder {
@@ -735,6 +731,50 @@ pub const PNG: &[u8] = b"\x89\x50\x4e\x47\x0d\x0a\x1a\x0a\x00\x00\x00\x0d\x49\x4
 pub fn b64(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// A writable connection to the server's database, for tests that age rows.
+pub fn db_rw(s: &TestServer) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(s.data_dir().join("clawdforge.db")).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c
+}
+
+/// `POST path` as an app with an `Idempotency-Key` (raw bytes, so tests can send bad ones).
+pub fn keyed(
+    s: &TestServer,
+    token: &str,
+    path: &str,
+    key: &[u8],
+    b: &Value,
+) -> reqwest::RequestBuilder {
+    s.app(token, Method::POST, path)
+        .header(
+            "idempotency-key",
+            reqwest::header::HeaderValue::from_bytes(key).unwrap(),
+        )
+        .json(b)
+}
+
+/// Status, the `Idempotent-Replayed` header, and the body as text.
+pub async fn keyed_answer(req: reqwest::RequestBuilder) -> (u16, bool, String) {
+    let res = req.send().await.unwrap();
+    let replayed = res
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true");
+    (res.status().as_u16(), replayed, res.text().await.unwrap())
+}
+
+/// The usage ledger of a token: (rows, requests summed).
+pub fn usage_ledger(s: &TestServer, token_id: &str) -> (i64, i64) {
+    s.db()
+        .query_row(
+            "SELECT COUNT(*), COALESCE(SUM(requests), 0) FROM usage_daily WHERE token_id = ?1",
+            [token_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
 }
 
 // ---- Sessions with the real stack: acpx's queue owners and the agent processes ----

@@ -13,6 +13,7 @@ mod files;
 mod foundation;
 mod governance;
 mod hardening;
+mod idempotency;
 // Not every test module uses every helper.
 #[allow(dead_code)]
 mod harness;

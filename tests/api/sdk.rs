@@ -340,3 +340,26 @@ async fn real_claude_through_both_sdks() {
         "{rows:?}"
     );
 }
+
+/// `Idempotency-Key` through both SDKs against the real CLI: each case sends one request
+/// twice and one streamed request three times with its key; each ran once.
+#[tokio::test]
+async fn real_claude_sdk_repeats_with_a_key_run_once() {
+    let fake = FakeUpstream::start().await;
+    fake.reply_when("say it once", Reply::text("Said once."));
+    let s = crate::harness::real_server(&fake, |_| {}).await;
+    let (id, t) = s.mint("real").await;
+    let env = [("CF_PROMPT", "say it once"), ("CF_WANT", "Said once.")];
+    sdk_case(&s, &t, "openai", "idempotent", &env).await;
+    sdk_case(&s, &t, "anthropic", "idempotent", &env).await;
+    let rows = s.audit_rows("chat");
+    assert_eq!(rows.len(), 4, "two requests per SDK ran: {rows:?}");
+    assert!(rows.iter().all(|r| r["outcome"] == "ok"), "{rows:?}");
+    let asked = fake
+        .conversation_requests()
+        .iter()
+        .filter(|r| prompt_text(r).contains("say it once"))
+        .count();
+    assert_eq!(asked, 4, "the upstream saw each request once");
+    assert_eq!(crate::harness::usage_ledger(&s, &id).1, 4);
+}

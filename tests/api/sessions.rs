@@ -628,6 +628,7 @@ async fn the_sweeper_closes_idle_sessions_and_deletes_what_expired() {
             run_dirs_removed: 1,
             session_dirs_removed: 1,
             audit_rows_deleted: 1,
+            idempotency_keys_deleted: 0,
         }
     );
     assert_eq!(session_row(&s, &idle)["status"], "closed");

@@ -129,5 +129,30 @@ def hangup():
     print("closed", flush=True)
 
 
+def idempotent():
+    """As openai_cases.idempotent: a repeat with the key is the first answer, and a
+    repeated stream replays whole, so get_final_message() works on it too."""
+    msgs = [{"role": "user", "content": os.environ["CF_PROMPT"]}]
+    raw = [client().messages.with_raw_response.create(
+        model="sonnet", max_tokens=100, messages=msgs,
+        extra_headers={"Idempotency-Key": "anthropic-once"}) for _ in range(2)]
+    assert raw[0].headers.get("idempotent-replayed") is None, raw[0].headers
+    assert raw[1].headers.get("idempotent-replayed") == "true", raw[1].headers
+    first, again = raw[0].parse(), raw[1].parse()
+    assert first.id == again.id and first.content[0].text == os.environ["CF_WANT"], first
+    assert again.content[0].text == first.content[0].text
+
+    def streamed():
+        with client().messages.stream(
+            model="sonnet", max_tokens=100, messages=msgs,
+            extra_headers={"Idempotency-Key": "anthropic-stream"},
+        ) as s:
+            text = "".join(s.text_stream)
+            final = s.get_final_message()
+        assert final.stop_reason == "end_turn" and final.content[0].text == text, final
+        return final.id, text
+    assert streamed() == streamed() and streamed()[1] == os.environ["CF_WANT"]
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]]()

@@ -184,5 +184,32 @@ def hangup():
     print("closed", flush=True)
 
 
+def idempotent():
+    """The same Idempotency-Key twice: the first answer again, marked replayed; and a
+    streamed request repeated with its key replays a stream the SDK's iterator finishes
+    cleanly, with the same text (the Rust side counts one run each)."""
+    msgs = [{"role": "user", "content": os.environ["CF_PROMPT"]}]
+    key = {"Idempotency-Key": "openai-once"}
+    raw = [client().chat.completions.with_raw_response.create(
+        model="sonnet", messages=msgs, extra_headers=key) for _ in range(2)]
+    assert raw[0].headers.get("idempotent-replayed") is None, raw[0].headers
+    assert raw[1].headers.get("idempotent-replayed") == "true", raw[1].headers
+    first, again = raw[0].parse(), raw[1].parse()
+    assert first.id == again.id and first.choices[0].message.content == os.environ["CF_WANT"]
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+    def streamed():
+        s = client().chat.completions.create(
+            model="sonnet", stream=True, stream_options={"include_usage": True}, messages=msgs,
+            extra_headers={"Idempotency-Key": "openai-stream"})
+        chunks = list(s)
+        text = "".join(c.choices[0].delta.content for c in chunks
+                       if c.choices and c.choices[0].delta.content)
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finishes == ["stop"] and chunks[-1].usage.completion_tokens > 0, chunks
+        return [c.id for c in chunks], text
+    assert streamed() == streamed() and streamed()[1] == os.environ["CF_WANT"]
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]]()

@@ -206,6 +206,14 @@ cl 'nap @stub:sleep=0.5' -p --output-format json
 if at_least "$(since "$start")" 0.5; then pass "@stub:sleep waits"; else fail "@stub:sleep waits"; fi
 expect "@stub:sleep then answers" 'rc == 0 and last["result"].startswith("echo: nap")'
 
+rc=0; printf '@stub:wait-file=%s' "$work/release" | timeout 5 "$claude" -p --output-format json >"$out" 2>"$err" &
+held=$!
+for _ in $(seq 10); do sleep 0.05; done
+if [ -s "$out" ]; then fail "@stub:wait-file holds the answer"; else pass "@stub:wait-file holds the answer"; fi
+touch "$work/release"
+wait "$held" || rc=$?
+expect "@stub:wait-file answers once the file exists" 'rc == 0 and last["result"].startswith("echo: @stub:wait-file")'
+
 rc=0; printf '@stub:hang' | timeout 1 "$claude" -p --output-format json >"$out" 2>"$err" || rc=$?
 expect "@stub:hang never answers (timeout ends it)" 'rc == 124 and out == ""'
 
