@@ -251,15 +251,7 @@ async fn a_hang_up_after_a_stray_crlf_still_stops_the_run() {
     let pid = records(&s.record_dir)[0]["pid"].as_i64().unwrap() as i32;
     drop(sock);
     eventually("the run's process was killed", || !alive(pid)).await;
-    let db = s.db();
-    eventually("audit row abandoned", || {
-        db.query_row("SELECT outcome FROM audit WHERE kind='run'", [], |r| {
-            r.get::<_, String>(0)
-        })
-        .unwrap()
-            == "abandoned"
-    })
-    .await;
+    crate::harness::run_outcome_becomes(&s, "abandoned").await;
     // The connection layer keeps working for everyone else.
     let (st, _) = crate::harness::body(s.req(Method::GET, "/healthz").send().await.unwrap()).await;
     assert_eq!(st, 200);

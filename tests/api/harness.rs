@@ -327,6 +327,19 @@ pub async fn eventually_within(
 
 // ---- Shared helpers of the test files (one home; no test file imports another's) ----
 
+/// Waits until the (one) run's audit row says `outcome`.
+pub async fn run_outcome_becomes(s: &TestServer, outcome: &str) {
+    let db = s.db();
+    eventually(&format!("audit row {outcome}"), || {
+        db.query_row("SELECT outcome FROM audit WHERE kind='run'", [], |r| {
+            r.get::<_, String>(0)
+        })
+        .unwrap()
+            == outcome
+    })
+    .await;
+}
+
 /// Every record the stub wrote (one per answered prompt), oldest first.
 pub fn records(dir: &Path) -> Vec<Value> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -778,6 +791,14 @@ pub fn usage_ledger(s: &TestServer, token_id: &str) -> (i64, i64) {
 }
 
 // ---- Sessions with the real stack: acpx's queue owners and the agent processes ----
+
+/// Waits until no process started with `HOME=home` is left (no agent, no acpx client).
+pub async fn no_agent_left(home: &Path) {
+    eventually("no agent process is left", || {
+        agent_processes(home).is_empty()
+    })
+    .await;
+}
 
 /// Pids named by acpx's queue-owner locks under `home`.
 pub fn owner_pids(home: &Path) -> Vec<i32> {

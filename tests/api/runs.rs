@@ -238,15 +238,7 @@ async fn client_hangup_kills_the_run_and_removes_its_dir() {
     let gc = grandchildren(&s.record_dir)[0];
     eventually("grandchild killed", || !alive(gc)).await;
     eventually("run dir removed", || all_dirs_gone(&s)).await;
-    let db = s.db();
-    eventually("audit row abandoned", || {
-        db.query_row("SELECT outcome FROM audit WHERE kind='run'", [], |r| {
-            r.get::<_, String>(0)
-        })
-        .unwrap()
-            == "abandoned"
-    })
-    .await;
+    crate::harness::run_outcome_becomes(&s, "abandoned").await;
 }
 
 #[tokio::test]

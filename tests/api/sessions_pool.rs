@@ -11,9 +11,9 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::fake_upstream::{conversation_text, FakeUpstream, Reply};
-use crate::harness::{agent_processes, client_pids, home, owner_pids, request_for};
-use crate::harness::{alive, eventually, eventually_within, TestServer};
+use crate::harness::{alive, eventually, eventually_within, no_agent_left, TestServer};
 use crate::harness::{call, create, real_server, turn};
+use crate::harness::{client_pids, home, owner_pids, request_for};
 
 /// Starting a real agent takes 5–15 s on a loaded 2-core machine.
 const AGENT_START: Duration = Duration::from_secs(90);
@@ -185,10 +185,7 @@ async fn real_acpx_a_pooled_session_answers_its_first_turn_from_a_running_agent(
         .collect();
     let _dir = s.stop().await;
     assert!(replacement_owner.iter().all(|p| !alive(*p)));
-    eventually("no agent process is left", || {
-        agent_processes(&home).is_empty()
-    })
-    .await;
+    no_agent_left(&home).await;
 }
 
 fn owner_of(home: &Path, s: &TestServer, id: &str) -> Option<i32> {
@@ -261,10 +258,7 @@ async fn real_acpx_beyond_the_warm_limit_the_idle_agent_stops_and_its_session_re
         let (st, _) = call(&s, &t, Method::DELETE, &format!("/sessions/{id}")).await;
         assert_eq!(st, 200);
     }
-    eventually("no agent process is left", || {
-        agent_processes(&home).is_empty()
-    })
-    .await;
+    no_agent_left(&home).await;
 }
 
 /// The `warm` column of session `id`'s turn audit rows, oldest first.
@@ -342,10 +336,7 @@ async fn real_acpx_the_next_turn_takes_the_client_started_for_it_unless_it_no_lo
     assert_eq!(st, 200);
     eventually("the waiting client is stopped", || !alive(third)).await;
     assert_eq!(warm_sessions(&s).await["clients"], 0);
-    eventually("no agent process is left", || {
-        agent_processes(&home).is_empty()
-    })
-    .await;
+    no_agent_left(&home).await;
 }
 
 #[tokio::test]
@@ -456,8 +447,5 @@ async fn real_acpx_a_sigkilled_server_leaves_no_pooled_agent_or_waiting_client_a
     .unwrap();
     let mut served = served;
     served.child.wait().unwrap();
-    eventually("no agent process is left", || {
-        agent_processes(&home).is_empty()
-    })
-    .await;
+    no_agent_left(&home).await;
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::fake_upstream::{conversation_text, system_text, FakeUpstream, Reply};
 use crate::harness::{agent_processes, client_pids, home, owner_pids, request_for};
-use crate::harness::{alive, body, eventually};
+use crate::harness::{alive, body, eventually, no_agent_left};
 use crate::harness::{call, create, served_session, spawn_served_turn, spawn_turn, turn};
 use crate::harness::{real_server, real_server_in};
 
@@ -159,10 +159,7 @@ async fn real_acpx_carries_context_across_turns_and_a_restart() {
     eventually("the queue owner is stopped", || !alive(owner[0])).await;
     assert!(owner_pids(&home).is_empty(), "lock cleared");
     assert!(!Path::new(&cwd).exists());
-    eventually("no agent process is left", || {
-        agent_processes(&home).is_empty()
-    })
-    .await;
+    no_agent_left(&home).await;
 
     // Past the hard TTL, acpx's record and Claude's transcript go with the row.
     let record_id: String = s
@@ -255,10 +252,7 @@ async fn real_acpx_cancel_and_timeout_leave_the_session_usable() {
     assert!(convo.contains("warm up"), "{convo}");
     let (st, _) = call(&s, &t, Method::DELETE, &format!("/sessions/{id}")).await;
     assert_eq!(st, 200);
-    eventually("closed: no agent left", || {
-        agent_processes(&home).is_empty()
-    })
-    .await;
+    no_agent_left(&home).await;
 }
 
 #[tokio::test]
