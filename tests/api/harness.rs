@@ -35,6 +35,18 @@ pub fn real_bin(name: &str) -> PathBuf {
     prefix.join("node_modules/.bin").join(name)
 }
 
+/// A program of the tests' Python venv (`.venv-tests`, made by scripts/install-sdk-tests.sh
+/// from the pins in tests/sdk/requirements.txt): `python`, or a tool a package installed.
+pub fn venv_bin(name: &str) -> PathBuf {
+    let p = repo_root().join(".venv-tests/bin").join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/install-sdk-tests.sh",
+        p.display()
+    );
+    p
+}
+
 /// The warm pool size tests run with: `CLAWDFORGE_TEST_WARM_POOL` (scripts/test.sh runs the
 /// suite with the pool off and on), default off.
 pub fn test_warm_pool() -> u32 {

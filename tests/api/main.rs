@@ -17,6 +17,7 @@ mod hardening;
 #[allow(dead_code)]
 mod harness;
 mod netns;
+mod openapi_client;
 mod ops;
 mod readme;
 mod real;

@@ -1,0 +1,106 @@
+//! A client generated from the served `/openapi.json` by `openapi-python-client` (pinned in
+//! tests/sdk/requirements.txt) calls `/healthz`, `POST /files` and `POST /run`
+//! (tests/sdk/generated_client.py): the document is right when the generated models build
+//! the requests the server takes and parse the answers it gives.
+
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::harness::{records, repo_root, venv_bin, TestServer};
+
+/// Runs `program` with `args` and `env`; panics with its output unless it exits 0, else
+/// answers its stdout.
+async fn must_succeed(
+    program: &std::path::Path,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> String {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{} failed:\n{stdout}\n{}",
+        program.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test]
+async fn a_generated_python_client_calls_healthz_files_and_run() {
+    let s = TestServer::start().await;
+    let (id, t) = s.mint("generated").await;
+    let res = s.req(Method::GET, "/openapi.json").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let doc = res.text().await.unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let spec = work.path().join("openapi.json");
+    std::fs::write(&spec, &doc).unwrap();
+    // No post-hooks: the generator would otherwise run ruff over its output.
+    let config = work.path().join("config.yml");
+    std::fs::write(
+        &config,
+        "post_hooks: []\nproject_name_override: cf-client\npackage_name_override: cf_client\n",
+    )
+    .unwrap();
+    let client_dir = work.path().join("client");
+    must_succeed(
+        &venv_bin("openapi-python-client"),
+        &[
+            "generate".as_ref(),
+            "--path".as_ref(),
+            spec.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--output-path".as_ref(),
+            client_dir.as_os_str(),
+        ],
+        &[],
+    )
+    .await;
+    assert!(client_dir.join("cf_client/api/runs/run.py").exists());
+
+    let script = repo_root().join("tests/sdk/generated_client.py");
+    let out = must_succeed(
+        &venv_bin("python"),
+        &[script.as_os_str()],
+        &[
+            ("CF_BASE_URL", &s.url),
+            ("CF_TOKEN", &t),
+            ("CF_CLIENT_DIR", client_dir.to_str().unwrap()),
+        ],
+    )
+    .await;
+
+    // The run the script printed is this token's, answered, with the uploaded file in its
+    // dir and the tools the generated model sent (`"none"`).
+    let run_id = out.trim();
+    let rows = s.audit_rows("run");
+    let row = rows
+        .iter()
+        .find(|r| r["subject"] == run_id)
+        .unwrap_or_else(|| panic!("no audit row for {run_id}: {rows:?}"));
+    assert_eq!(
+        (row["outcome"].as_str(), row["token_id"].as_str()),
+        (Some("ok"), Some(id.as_str()))
+    );
+    let record = records(&s.record_dir)
+        .into_iter()
+        .find(|r| {
+            r["argv"]
+                .as_array()
+                .is_some_and(|a| a.contains(&Value::from("--tools=")))
+        })
+        .expect("the run asked for no tools");
+    assert_eq!(
+        record["cwd_files"]["notes.txt"], "hello from the generated client\n",
+        "{record}"
+    );
+    drop(work);
+}
