@@ -109,6 +109,28 @@ impl Server {
             .unwrap();
         v["warm_pool"]["idle"].as_u64().unwrap_or(0)
     }
+
+    /// Until the warm pool holds `size` idle processes, and then a while longer: a spawned
+    /// process needs ~0.6 s (more with four at once on two cores) before it is really warm;
+    /// requests arriving at a steady trickle find it so.
+    async fn settled(&self, client: &reqwest::Client, size: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.warm_idle(client).await < size {
+            assert!(Instant::now() < deadline, "the warm pool did not refill");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+}
+
+/// The fake upstream answering "pong", its CLI config dir, and the env that points a real
+/// `claude` at it (keep the first two alive while it runs).
+async fn pong_upstream() -> (FakeUpstream, tempfile::TempDir, Vec<(String, String)>) {
+    let fake = FakeUpstream::start().await;
+    fake.set_default_reply(Reply::text("pong"));
+    let cfg = tempfile::tempdir().unwrap();
+    let env = fake.child_env(cfg.path());
+    (fake, cfg, env)
 }
 
 impl Drop for Server {
@@ -312,10 +334,7 @@ async fn real_claude_rows(table: &mut Table) {
         return;
     }
     let n = env_usize("BENCH_REAL_N", 12);
-    let fake = FakeUpstream::start().await;
-    fake.set_default_reply(Reply::text("pong"));
-    let cfg = tempfile::tempdir().unwrap();
-    let env = fake.child_env(cfg.path());
+    let (_fake, _cfg, env) = pong_upstream().await;
     let client = reqwest::Client::new();
     let cold = Server::start(
         &claude,
@@ -350,14 +369,7 @@ async fn real_claude_rows(table: &mut Table) {
         // trickle of requests would find it.
         let mut w = Stats::default();
         for _ in 0..(total / conc) {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while warm.warm_idle(&client).await < 4 {
-                assert!(Instant::now() < deadline, "the warm pool did not refill");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            // A spawned process needs ~0.6 s (more with four at once on two cores) before
-            // it is really warm; requests arriving at a steady trickle find it so.
-            tokio::time::sleep(Duration::from_millis(2500)).await;
+            warm.settled(&client, 4).await;
             let (cl, u, t) = (client.clone(), warm.url.clone(), wt.clone());
             let burst = measure(conc, conc, move |_| {
                 via(cl.clone(), u.clone(), t.clone(), "ping".into())
@@ -452,10 +464,7 @@ async fn sdk_rows(table: &mut Table) {
         return;
     }
     let n = env_usize("BENCH_SDK_N", 12);
-    let fake = FakeUpstream::start().await;
-    fake.set_default_reply(Reply::text("pong"));
-    let cfg = tempfile::tempdir().unwrap();
-    let env = fake.child_env(cfg.path());
+    let (_fake, _cfg, env) = pong_upstream().await;
     let client = reqwest::Client::new();
     let server = |pool: &str| {
         Server::start(
@@ -490,14 +499,7 @@ async fn sdk_rows(table: &mut Table) {
     // request waits until the pool is full and settled, as a steady trickle finds it.
     let mut sdk = OpenaiDriver::start(&python, &warm.url, &wt);
     sdk.request("chat").await;
-    let settled = async || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while warm.warm_idle(&client).await < 4 {
-            assert!(Instant::now() < deadline, "the warm pool did not refill");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-    };
+    let settled = async || warm.settled(&client, 4).await;
     let (warm_chat, _) = sdk.series("chat", n, settled).await;
     let (warm_stream, warm_first) = sdk.series("stream", n, settled).await;
 

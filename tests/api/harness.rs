@@ -47,6 +47,18 @@ pub fn venv_bin(name: &str) -> PathBuf {
     p
 }
 
+/// Runs `cmd` to its end; panics with its output unless it exits 0, else answers its stdout.
+pub async fn stdout_of(mut cmd: tokio::process::Command) -> String {
+    let out = cmd.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// The warm pool size tests run with: `CLAWDFORGE_TEST_WARM_POOL` (scripts/test.sh runs the
 /// suite with the pool off and on), default off.
 pub fn test_warm_pool() -> u32 {

@@ -6,30 +6,7 @@
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::harness::{records, repo_root, venv_bin, TestServer};
-
-/// Runs `program` with `args` and `env`; panics with its output unless it exits 0, else
-/// answers its stdout.
-async fn must_succeed(
-    program: &std::path::Path,
-    args: &[&std::ffi::OsStr],
-    env: &[(&str, &str)],
-) -> String {
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{} failed:\n{stdout}\n{}",
-        program.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
+use crate::harness::{records, repo_root, stdout_of, venv_bin, TestServer};
 
 #[tokio::test]
 async fn a_generated_python_client_calls_healthz_files_and_run() {
@@ -50,33 +27,25 @@ async fn a_generated_python_client_calls_healthz_files_and_run() {
     )
     .unwrap();
     let client_dir = work.path().join("client");
-    must_succeed(
-        &venv_bin("openapi-python-client"),
-        &[
-            "generate".as_ref(),
-            "--path".as_ref(),
-            spec.as_os_str(),
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--output-path".as_ref(),
-            client_dir.as_os_str(),
-        ],
-        &[],
-    )
-    .await;
+    let mut generate = tokio::process::Command::new(venv_bin("openapi-python-client"));
+    generate
+        .arg("generate")
+        .arg("--path")
+        .arg(&spec)
+        .arg("--config")
+        .arg(&config)
+        .arg("--output-path")
+        .arg(&client_dir);
+    stdout_of(generate).await;
     assert!(client_dir.join("cf_client/api/runs/run.py").exists());
 
-    let script = repo_root().join("tests/sdk/generated_client.py");
-    let out = must_succeed(
-        &venv_bin("python"),
-        &[script.as_os_str()],
-        &[
-            ("CF_BASE_URL", &s.url),
-            ("CF_TOKEN", &t),
-            ("CF_CLIENT_DIR", client_dir.to_str().unwrap()),
-        ],
-    )
-    .await;
+    let mut script = tokio::process::Command::new(venv_bin("python"));
+    script
+        .arg(repo_root().join("tests/sdk/generated_client.py"))
+        .env("CF_BASE_URL", &s.url)
+        .env("CF_TOKEN", &t)
+        .env("CF_CLIENT_DIR", &client_dir);
+    let out = stdout_of(script).await;
 
     // The run the script printed is this token's, answered, with the uploaded file in its
     // dir and the tools the generated model sent (`"none"`).
