@@ -171,6 +171,28 @@ impl Server {
             .unwrap();
         v["warm_pool"]["idle"].as_u64().unwrap_or(0)
     }
+
+    /// Until the warm pool holds `size` idle processes, and then a while longer: a spawned
+    /// process needs ~0.6 s (more with four at once on two cores) before it is really warm;
+    /// requests arriving at a steady trickle find it so.
+    async fn settled(&self, client: &reqwest::Client, size: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.warm_idle(client).await < size {
+            assert!(Instant::now() < deadline, "the warm pool did not refill");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+}
+
+/// The fake upstream answering "pong", its CLI config dir, and the env that points a real
+/// `claude` at it (keep the first two alive while it runs).
+async fn pong_upstream() -> (FakeUpstream, tempfile::TempDir, Vec<(String, String)>) {
+    let fake = FakeUpstream::start().await;
+    fake.set_default_reply(Reply::text("pong"));
+    let cfg = tempfile::tempdir().unwrap();
+    let env = fake.child_env(cfg.path());
+    (fake, cfg, env)
 }
 
 impl Drop for Server {
@@ -246,8 +268,9 @@ where
     stats
 }
 
-/// Spawns the CLI directly the way a caller without the broker would.
-async fn direct(claude: PathBuf, env: Vec<(String, String)>, prompt: String) {
+/// Spawns the CLI directly the way a caller without the broker would, with `flags` beyond
+/// the plain one-shot ones.
+async fn direct(claude: PathBuf, env: Vec<(String, String)>, prompt: String, flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(&claude)
         .args([
@@ -257,6 +280,7 @@ async fn direct(claude: PathBuf, env: Vec<(String, String)>, prompt: String) {
             "--model=sonnet",
             "--no-session-persistence",
         ])
+        .args(flags)
         .current_dir(dir.path())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -372,10 +396,7 @@ async fn real_claude_rows(table: &mut Table) {
         return;
     }
     let n = env_usize("BENCH_REAL_N", 12);
-    let fake = FakeUpstream::start().await;
-    fake.set_default_reply(Reply::text("pong"));
-    let cfg = tempfile::tempdir().unwrap();
-    let env = fake.child_env(cfg.path());
+    let (_fake, _cfg, env) = pong_upstream().await;
     let client = reqwest::Client::new();
     let cold = Server::start(
         &claude,
@@ -398,7 +419,7 @@ async fn real_claude_rows(table: &mut Table) {
         let total = n * conc.min(2);
         let (c2, e2) = (claude.clone(), env.clone());
         let d = measure(total, conc, move |_| {
-            direct(c2.clone(), e2.clone(), "ping".into())
+            direct(c2.clone(), e2.clone(), "ping".into(), &[])
         })
         .await;
         let (cl, u, t) = (client.clone(), cold.url.clone(), ct.clone());
@@ -410,14 +431,7 @@ async fn real_claude_rows(table: &mut Table) {
         // trickle of requests would find it.
         let mut w = Stats::default();
         for _ in 0..(total / conc) {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while warm.warm_idle(&client).await < 4 {
-                assert!(Instant::now() < deadline, "the warm pool did not refill");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            // A spawned process needs ~0.6 s (more with four at once on two cores) before
-            // it is really warm; requests arriving at a steady trickle find it so.
-            tokio::time::sleep(Duration::from_millis(2500)).await;
+            warm.settled(&client, 4).await;
             let (cl, u, t) = (client.clone(), warm.url.clone(), wt.clone());
             let burst = measure(conc, conc, move |_| {
                 via(cl.clone(), u.clone(), t.clone(), "ping".into())
@@ -442,6 +456,171 @@ async fn real_claude_rows(table: &mut Table) {
     );
 }
 
+/// scripts/lib/bench_openai.py: the official `openai` SDK making one request per line asked
+/// of it, so the caller paces them.
+struct OpenaiDriver {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl OpenaiDriver {
+    fn start(python: &Path, url: &str, token: &str) -> OpenaiDriver {
+        let mut child = tokio::process::Command::new(python)
+            .arg(repo().join("scripts/lib/bench_openai.py"))
+            .env("CF_BASE_URL", url)
+            .env("CF_TOKEN", token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+        OpenaiDriver {
+            child,
+            stdin,
+            lines: tokio::io::AsyncBufReadExt::lines(out),
+        }
+    }
+
+    /// One `chat` or `stream` request: its total and first-content-chunk milliseconds.
+    async fn request(&mut self, kind: &str) -> (f64, Option<f64>) {
+        tokio::io::AsyncWriteExt::write_all(&mut self.stdin, format!("{kind}\n").as_bytes())
+            .await
+            .unwrap();
+        let line = self.lines.next_line().await.unwrap();
+        let v: Value = serde_json::from_str(
+            &line.unwrap_or_else(|| panic!("bench_openai.py exited: {:?}", self.child.try_wait())),
+        )
+        .unwrap();
+        (v["ms"].as_f64().unwrap(), v["first_ms"].as_f64())
+    }
+
+    /// `n` requests of `kind`, each once `ready` allows: total and first-chunk latencies.
+    async fn series(&mut self, kind: &str, n: usize, ready: impl AsyncFn()) -> (Stats, Stats) {
+        let (mut total, mut first) = (Stats::default(), Stats::default());
+        for _ in 0..n {
+            ready().await;
+            let (ms, first_ms) = self.request(kind).await;
+            total.ms.push(ms);
+            first.ms.extend(first_ms);
+        }
+        (total, first)
+    }
+}
+
+/// The drop-in route through the official `openai` SDK against a direct cold `claude -p`
+/// with the flags `/v1/chat/completions` gives it (tools off, Claude Code's system prompt
+/// replaced), the real CLI against the fake upstream, one request at a time.
+async fn sdk_rows(table: &mut Table) {
+    let group = "openai SDK (real claude)";
+    let claude = repo().join(".agents/node_modules/.bin/claude");
+    let python = repo().join(".venv-tests/bin/python");
+    if !claude.exists() || !python.exists() {
+        table.note(
+            group,
+            "skipped: run scripts/install-agents.sh and scripts/install-sdk-tests.sh",
+            String::new(),
+        );
+        return;
+    }
+    let n = env_usize("BENCH_SDK_N", 12);
+    let (_fake, _cfg, env) = pong_upstream().await;
+    let client = reqwest::Client::new();
+    let server = |pool: &str| {
+        Server::start(
+            &claude,
+            &env,
+            &[
+                ("CLAWDFORGE_WARM_POOL", pool.into()),
+                ("CLAWDFORGE_MAX_CONCURRENT", "4".into()),
+            ],
+        )
+    };
+    let (cold, warm) = (server("0"), server("4"));
+    let (ct, wt) = (cold.mint(&client).await, warm.mint(&client).await);
+
+    let (c2, e2) = (claude.clone(), env.clone());
+    let direct_cold = measure(n, 1, move |_| {
+        direct(
+            c2.clone(),
+            e2.clone(),
+            "ping".into(),
+            &["--system-prompt=", "--tools="],
+        )
+    })
+    .await;
+
+    let mut sdk = OpenaiDriver::start(&python, &cold.url, &ct);
+    let now = async || {};
+    let (cold_chat, _) = sdk.series("chat", n, now).await;
+    let (cold_stream, cold_first) = sdk.series("stream", n, now).await;
+
+    // Warm: the first request teaches the pool this route's combination (a miss); then each
+    // request waits until the pool is full and settled, as a steady trickle finds it.
+    let mut sdk = OpenaiDriver::start(&python, &warm.url, &wt);
+    sdk.request("chat").await;
+    let settled = async || warm.settled(&client, 4).await;
+    let (warm_chat, _) = sdk.series("chat", n, settled).await;
+    let (warm_stream, warm_first) = sdk.series("stream", n, settled).await;
+
+    table.row(
+        group,
+        "direct cold claude -p (/v1's flags)",
+        1,
+        &direct_cold,
+        None,
+    );
+    table.row(
+        group,
+        "chat.completions, pool off",
+        1,
+        &cold_chat,
+        Some(&direct_cold),
+    );
+    table.row(
+        group,
+        "chat.completions, pool 4",
+        1,
+        &warm_chat,
+        Some(&direct_cold),
+    );
+    table.row(
+        group,
+        "stream: first content chunk, pool off",
+        1,
+        &cold_first,
+        Some(&direct_cold),
+    );
+    table.row(
+        group,
+        "stream: first content chunk, pool 4",
+        1,
+        &warm_first,
+        Some(&direct_cold),
+    );
+    table.row(
+        group,
+        "stream: whole answer, pool off",
+        1,
+        &cold_stream,
+        Some(&direct_cold),
+    );
+    table.row(
+        group,
+        "stream: whole answer, pool 4",
+        1,
+        &warm_stream,
+        Some(&direct_cold),
+    );
+    table.note(
+        group,
+        "pool-4 chat p50 / direct cold p50 (target <= 0.3x)",
+        format!("{:.2}x", warm_chat.pct(0.5) / direct_cold.pct(0.5)),
+    );
+}
+
 async fn stub_rows(table: &mut Table) {
     let claude = repo().join("tests/stubs/claude");
     let n = env_usize("BENCH_STUB_N", 200);
@@ -462,7 +641,10 @@ async fn stub_rows(table: &mut Table) {
     );
     for conc in [1usize, 16] {
         let c2 = claude.clone();
-        let d = measure(n, conc, move |_| direct(c2.clone(), vec![], "ping".into())).await;
+        let d = measure(n, conc, move |_| {
+            direct(c2.clone(), vec![], "ping".into(), &[])
+        })
+        .await;
         let (cl, u, tk) = (client.clone(), s.url.clone(), t.clone());
         let r = measure(n, conc, move |_| {
             via(cl.clone(), u.clone(), tk.clone(), "ping".into())
@@ -781,6 +963,9 @@ async fn main() {
     }
     if only.is_empty() || only == "real" {
         real_claude_rows(&mut table).await;
+    }
+    if only.is_empty() || only == "sdk" {
+        sdk_rows(&mut table).await;
     }
     if only.is_empty() || only == "sessions" {
         session_rows(&mut table).await;

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): builds the release binary and prints one table of latencies and
-# memory (examples/bench.rs), then request rates from wrk. Loopback only, bounded in time.
+# memory (examples/bench.rs), then request rates from wrk and the upload benchmark.
+# Loopback only, bounded in time.
 #
 #   scripts/bench.sh            # everything
-#   BENCH_ONLY=stub|real scripts/bench.sh
+#   BENCH_ONLY=stub|real|sdk|sessions scripts/bench.sh   # only those rows of the table
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/install-agents.sh >/dev/null
+# The official openai SDK for the drop-in rows (scripts/lib/bench_openai.py).
+scripts/install-sdk-tests.sh
 if ! command -v wrk >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk >/dev/null
@@ -16,6 +19,10 @@ fi
 cargo build --release --locked --bin clawdforge --example bench
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -sr)"
 target/release/examples/bench
+# BENCH_ONLY picks rows of the table; the request rates and the upload run only without it.
+if [ -n "${BENCH_ONLY:-}" ]; then
+  exit 0
+fi
 
 if command -v wrk >/dev/null 2>&1; then
   data=$(mktemp -d)

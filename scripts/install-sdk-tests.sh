@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The official `openai` and `anthropic` Python SDKs, pinned in tests/sdk/requirements.txt,
+# The official `openai` and `anthropic` Python SDKs, `openapi-python-client` and
+# `prometheus_client`, pinned in tests/sdk/requirements.txt,
 # into a venv of the tests' own (.venv-tests, gitignored). Idempotent: a venv that already
 # holds the pinned versions is left alone.
 set -euo pipefail

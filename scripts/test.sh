@@ -42,7 +42,8 @@ if ! .venv-tests/bin/python -c 'import playwright' >/dev/null 2>&1 \
   python3 -m venv .venv-tests
   .venv-tests/bin/pip install --quiet --disable-pip-version-check -r tests/browser/requirements.txt
 fi
-# The official openai and anthropic SDKs for tests/api/sdk.rs, pinned, in .venv-tests.
+# The official openai and anthropic SDKs (tests/api/sdk.rs), the OpenAPI client generator
+# and the OpenMetrics parser (tests/api/openapi_client.rs, hardening.rs), pinned, in .venv-tests.
 scripts/install-sdk-tests.sh
 
 # Dockerfile, compose.yml, shell scripts, .env.example: a finding fails the run.

@@ -32,7 +32,6 @@ pub struct Policy {
     pub expires_at: Option<i64>,
     /// Tools a run may ask for (`"none"`, `"default"` or names); a run naming none gets
     /// these. `None`: any.
-    #[schema(value_type = Option<Object>)]
     pub allowed_tools: Option<Tools>,
     /// Open sessions at once; `POST /sessions` beyond it answers 429 `overloaded`.
     pub max_open_sessions: Option<u32>,
@@ -266,7 +265,7 @@ pub struct PolicyPatch {
     pub expires_at: Option<Option<Rfc3339>>,
     /// "none", "default" or a list of built-in tool names; null = any.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Tools>)]
     pub allowed_tools: Option<Option<Tools>>,
     /// Open sessions at once, 1..1000000; beyond it POST /sessions answers 429.
     #[serde(default, deserialize_with = "nullable")]

@@ -35,7 +35,6 @@ pub struct RunBody {
     pub stream: Option<bool>,
     /// `"none"`, `"default"` or built-in tool names; none named: the token's
     /// `allowed_tools` (else `"default"`).
-    #[schema(value_type = Option<Object>)]
     pub tools: Option<Tools>,
     /// A JSON Schema object: `result` is then the structured output (an object).
     #[schema(value_type = Option<Object>)]

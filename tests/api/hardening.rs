@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::harness::records;
-use crate::harness::{alive, eventually, TestServer};
+use crate::harness::{alive, eventually, repo_root, venv_bin, TestServer};
 
 /// Longest any single read below may wait before the test calls the server stuck.
 const STUCK: Duration = Duration::from_secs(20);
@@ -440,16 +440,15 @@ async fn probe_children_die_with_the_server() {
     }
 }
 
-/// `promtool check metrics` on `text`: its exit status and what it said.
-fn promtool(text: &str) -> (bool, String) {
+/// Runs `cmd` with `text` on its stdin: its exit status and what it said.
+fn pipe_through(mut cmd: std::process::Command, text: &str) -> (bool, String) {
     use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
+    let mut child = cmd
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("promtool is installed (scripts/test.sh installs Debian's prometheus package)");
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     child
         .stdin
         .take()
@@ -465,8 +464,23 @@ fn promtool(text: &str) -> (bool, String) {
     (out.status.success(), said)
 }
 
+/// `promtool check metrics` on `text` (scripts/test.sh installs Debian's prometheus package).
+fn promtool(text: &str) -> (bool, String) {
+    let mut cmd = std::process::Command::new("promtool");
+    cmd.args(["check", "metrics"]);
+    pipe_through(cmd, text)
+}
+
+/// tests/sdk/openmetrics_check.py (prometheus_client's OpenMetrics parser) on `text`: whether
+/// it parsed, and `name type samples` per family (or the parser's complaint).
+fn openmetrics_parse(text: &str) -> (bool, String) {
+    let mut cmd = std::process::Command::new(venv_bin("python"));
+    cmd.arg(repo_root().join("tests/sdk/openmetrics_check.py"));
+    pipe_through(cmd, text)
+}
+
 #[tokio::test]
-async fn metrics_negotiate_their_format_and_both_pass_promtool() {
+async fn metrics_negotiate_their_format_and_pass_promtool_and_an_openmetrics_parser() {
     let s = TestServer::start().await;
     let (_, t) = s.mint("app").await;
     // Something in every family: a run (counters, histogram) and a refused request.
@@ -511,6 +525,28 @@ async fn metrics_negotiate_their_format_and_both_pass_promtool() {
             "promtool on OpenMetrics: {said}\n{text}"
         );
     }
+    // So the OpenMetrics answer is checked by a parser of that format: prometheus_client's
+    // (strict about `# EOF`, types, units and `_total`).
+    let (ok, said) = openmetrics_parse(&text);
+    assert!(ok, "prometheus_client on OpenMetrics: {said}\n{text}");
+    let families: Vec<(&str, &str)> = said
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split(' ');
+            Some((w.next()?, w.next()?))
+        })
+        .collect();
+    for family in [
+        ("clawdforge_http_requests", "counter"),
+        ("clawdforge_run_duration_seconds", "histogram"),
+        ("clawdforge_processes_running", "gauge"),
+    ] {
+        assert!(families.contains(&family), "{family:?} not in {said}");
+    }
+    assert!(
+        families.iter().all(|(_, ty)| *ty != "unknown"),
+        "a family lost its type: {said}"
+    );
 }
 
 #[tokio::test]

@@ -35,6 +35,30 @@ pub fn real_bin(name: &str) -> PathBuf {
     prefix.join("node_modules/.bin").join(name)
 }
 
+/// A program of the tests' Python venv (`.venv-tests`, made by scripts/install-sdk-tests.sh
+/// from the pins in tests/sdk/requirements.txt): `python`, or a tool a package installed.
+pub fn venv_bin(name: &str) -> PathBuf {
+    let p = repo_root().join(".venv-tests/bin").join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/install-sdk-tests.sh",
+        p.display()
+    );
+    p
+}
+
+/// Runs `cmd` to its end; panics with its output unless it exits 0, else answers its stdout.
+pub async fn stdout_of(mut cmd: tokio::process::Command) -> String {
+    let out = cmd.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// The warm pool size tests run with: `CLAWDFORGE_TEST_WARM_POOL` (scripts/test.sh runs the
 /// suite with the pool off and on), default off.
 pub fn test_warm_pool() -> u32 {

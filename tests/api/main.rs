@@ -18,6 +18,7 @@ mod idempotency;
 #[allow(dead_code)]
 mod harness;
 mod netns;
+mod openapi_client;
 mod ops;
 mod readme;
 mod real;

@@ -5,24 +5,12 @@
 //! Stub `claude` for the mapping, errors and governance; the real one against the fake
 //! upstream for token deltas, structured output and images.
 
-use std::path::PathBuf;
-
 use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::fake_upstream::{prompt_text, system_text, FakeUpstream, Reply};
-use crate::harness::{alive, eventually, repo_root, TestServer};
+use crate::harness::{alive, eventually, repo_root, stdout_of, venv_bin, TestServer};
 use crate::harness::{b64, records, PNG};
-
-fn python() -> PathBuf {
-    let p = repo_root().join(".venv-tests/bin/python");
-    assert!(
-        p.exists(),
-        "{} missing: run scripts/install-sdk-tests.sh",
-        p.display()
-    );
-    p
-}
 
 /// Runs `tests/sdk/<script>_cases.py <case>`; panics with its output unless it exits 0.
 async fn sdk_case(
@@ -32,23 +20,14 @@ async fn sdk_case(
     case: &str,
     env: &[(&str, &str)],
 ) -> String {
-    let out = tokio::process::Command::new(python())
-        .arg(repo_root().join(format!("tests/sdk/{script}_cases.py")))
+    let mut cmd = tokio::process::Command::new(venv_bin("python"));
+    cmd.arg(repo_root().join(format!("tests/sdk/{script}_cases.py")))
         .arg(case)
         .env("CF_BASE_URL", &s.url)
         .env("CF_TOKEN", token)
         .env("CF_RECORD_DIR", &s.record_dir)
-        .envs(env.iter().copied())
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{script} {case} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+        .envs(env.iter().copied());
+    stdout_of(cmd).await
 }
 
 #[tokio::test]
