@@ -743,16 +743,7 @@ async fn session_rows(table: &mut Table) {
     let fake = FakeUpstream::start().await;
     fake.set_default_reply(Reply::text("pong"));
     let home = tempfile::tempdir().unwrap();
-    let mut env = fake.child_env(&home.path().join("claude-config"));
-    env.push(("HOME".into(), home.path().display().to_string()));
-    env.push((
-        "PATH".into(),
-        format!(
-            "{}:{}",
-            bin.display(),
-            std::env::var("PATH").unwrap_or_default()
-        ),
-    ));
+    let env = fake.agent_env(home.path(), &bin);
     let client = reqwest::Client::new();
     let server = Server::start(
         &bin.join("claude"),

@@ -265,6 +265,17 @@ impl FakeUpstream {
         pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     }
 
+    /// [`Self::child_env`] for a child started from a cleared environment: `HOME` is
+    /// `home` (with Claude Code's config dir inside it) and `PATH` starts with `bin` (acpx
+    /// looks for the ACP adapter on it).
+    pub fn agent_env(&self, home: &Path, bin: &Path) -> Vec<(String, String)> {
+        let mut env = self.child_env(&home.join("claude-config"));
+        env.push(("HOME".into(), home.display().to_string()));
+        let path = std::env::var("PATH").unwrap_or_default();
+        env.push(("PATH".into(), format!("{}:{path}", bin.display())));
+        env
+    }
+
     /// Answer `reply` when the newest prompt of a messages request ([`prompt_text`])
     /// contains `needle`. Rules are checked in the order added; they stay in force (they are
     /// not used up). Side requests ([`is_side_request`]) never match.
