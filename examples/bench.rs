@@ -745,15 +745,7 @@ async fn session_rows(table: &mut Table) {
     let home = tempfile::tempdir().unwrap();
     let env = fake.agent_env(home.path(), &bin);
     let client = reqwest::Client::new();
-    let server = Server::start(
-        &bin.join("claude"),
-        &env,
-        &[
-            ("ACPX_BIN", bin.join("acpx").display().to_string()),
-            ("CLAWDFORGE_WARM_POOL", "0".into()),
-            ("CLAWDFORGE_SESSION_POOL", "0".into()),
-        ],
-    );
+    let server = session_server(&bin, &env, 0);
     let token = server.mint(&client).await;
     let (mut create, mut cold, mut warm) = (Stats::default(), Stats::default(), Stats::default());
     for _ in 0..2 {
@@ -826,15 +818,7 @@ async fn session_rows(table: &mut Table) {
 
     // The same with the session pool: a plain create takes a pooled session whose agent
     // the pool already started.
-    let server = Server::start(
-        &bin.join("claude"),
-        &env,
-        &[
-            ("ACPX_BIN", bin.join("acpx").display().to_string()),
-            ("CLAWDFORGE_WARM_POOL", "0".into()),
-            ("CLAWDFORGE_SESSION_POOL", "1".into()),
-        ],
-    );
+    let server = session_server(&bin, &env, 1);
     let token = server.mint(&client).await;
     let (mut pooled_create, mut pooled_first) = (Stats::default(), Stats::default());
     let mut pooled_ids = Vec::new();
@@ -924,6 +908,20 @@ async fn session_rows(table: &mut Table) {
             agent_kb / 1024 / agents.max(1)
         ),
     );
+}
+
+/// A server driving the real acpx in `bin`, without /run's warm pool (its claude processes
+/// would share `HOME` and count as agents), with `pool` pooled sessions.
+fn session_server(bin: &Path, env: &[(String, String)], pool: u32) -> Server {
+    Server::start(
+        &bin.join("claude"),
+        env,
+        &[
+            ("ACPX_BIN", bin.join("acpx").display().to_string()),
+            ("CLAWDFORGE_WARM_POOL", "0".into()),
+            ("CLAWDFORGE_SESSION_POOL", pool.to_string()),
+        ],
+    )
 }
 
 /// RSS of every live process started with `HOME=home` (queue owners, adapters, claude).
