@@ -100,15 +100,18 @@ impl Server {
 
     /// `/healthz`'s `warm_sessions`.
     async fn warm_sessions(&self, client: &reqwest::Client) -> Value {
-        let v: Value = client
+        self.healthz(client).await["warm_sessions"].clone()
+    }
+
+    async fn healthz(&self, client: &reqwest::Client) -> Value {
+        client
             .get(format!("{}/healthz", self.url))
             .send()
             .await
             .unwrap()
             .json()
             .await
-            .unwrap();
-        v["warm_sessions"].clone()
+            .unwrap()
     }
 
     /// `POST /sessions` asking for nothing; the session's id.
@@ -161,15 +164,9 @@ impl Server {
     }
 
     async fn warm_idle(&self, client: &reqwest::Client) -> u64 {
-        let v: Value = client
-            .get(format!("{}/healthz", self.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["warm_pool"]["idle"].as_u64().unwrap_or(0)
+        self.healthz(client).await["warm_pool"]["idle"]
+            .as_u64()
+            .unwrap_or(0)
     }
 
     /// Until the warm pool holds `size` idle processes, and then a while longer: a spawned

@@ -575,11 +575,32 @@ pub fn spawn_served_turn(
     id: &str,
     prompt: &str,
 ) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
-    let req = reqwest::Client::new()
+    let req = served_turn_request(url, token, id, json!({ "prompt": prompt }));
+    tokio::spawn(async move { req.send().await })
+}
+
+fn served_turn_request(url: &str, token: &str, id: &str, b: Value) -> RequestBuilder {
+    reqwest::Client::new()
         .post(format!("{url}/sessions/{id}/turn"))
         .bearer_auth(token)
-        .json(&json!({ "prompt": prompt }));
-    tokio::spawn(async move { req.send().await })
+        .json(&b)
+}
+
+/// A turn (`timeout_secs` 60) of session `id` on the binary serving at `url`.
+pub async fn served_turn(url: &str, token: &str, id: &str, prompt: &str) -> (u16, Value) {
+    let b = json!({ "prompt": prompt, "timeout_secs": 60 });
+    body(served_turn_request(url, token, id, b).send().await.unwrap()).await
+}
+
+/// Closes session `id` on the binary serving at `url`; the status.
+pub async fn served_close(url: &str, token: &str, id: &str) -> u16 {
+    let res = reqwest::Client::new()
+        .delete(format!("{url}/sessions/{id}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    res.status().as_u16()
 }
 
 /// With the binary serving at `url`: a token minted with `admin`, and a session of it.

@@ -341,7 +341,7 @@ async fn real_acpx_the_next_turn_takes_the_client_started_for_it_unless_it_no_lo
 
 #[tokio::test]
 async fn real_acpx_a_sigkilled_server_leaves_no_pooled_agent_or_waiting_client_after_restart() {
-    use crate::harness::{real_served_env, serve, served_session};
+    use crate::harness::{real_served_env, serve, served_close, served_session, served_turn};
     let fake = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let admin = "admin-secret-for-the-pool-kill-test-0123456";
@@ -354,7 +354,6 @@ async fn real_acpx_a_sigkilled_server_leaves_no_pooled_agent_or_waiting_client_a
     let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let data = dir.path().join("data");
     let mut served = serve(&data, &extra);
-    let client = reqwest::Client::new();
     let db = rusqlite::Connection::open(data.join("clawdforge.db")).unwrap();
     let pooled_now = || -> Option<String> {
         db.query_row("SELECT id FROM sessions WHERE status = 'pooled'", [], |r| {
@@ -368,14 +367,8 @@ async fn real_acpx_a_sigkilled_server_leaves_no_pooled_agent_or_waiting_client_a
     })
     .await;
     let (token, id) = served_session(&served.url, admin).await;
-    let res = client
-        .post(format!("{}/sessions/{id}/turn", served.url))
-        .bearer_auth(&token)
-        .json(&json!({"prompt": "hello KILLPOOL", "timeout_secs": 60}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    let (st, v) = served_turn(&served.url, &token, &id, "hello KILLPOOL").await;
+    assert_eq!(st, 200, "{v}");
     // The replacement pooled session, and both sessions' waiting clients.
     eventually_within("the replacement and both clients", AGENT_START, || {
         pooled_now().is_some_and(|p| p != id && client_pids(&home, &p).len() == 1)
@@ -423,21 +416,9 @@ async fn real_acpx_a_sigkilled_server_leaves_no_pooled_agent_or_waiting_client_a
     })
     .await;
     // The taken session is open and still answers.
-    let res = client
-        .post(format!("{}/sessions/{id}/turn", served.url))
-        .bearer_auth(&token)
-        .json(&json!({"prompt": "after KILLPOOL", "timeout_secs": 60}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let res = client
-        .delete(format!("{}/sessions/{id}", served.url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    let (st, v) = served_turn(&served.url, &token, &id, "after KILLPOOL").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(served_close(&served.url, &token, &id).await, 200);
     // A graceful stop discards the new pool: nothing is left but the server itself.
     let server = served.child.id() as i32;
     nix::sys::signal::kill(

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::fake_upstream::{conversation_text, system_text, FakeUpstream, Reply};
 use crate::harness::{agent_processes, client_pids, home, owner_pids, request_for};
-use crate::harness::{alive, body, eventually, no_agent_left};
+use crate::harness::{alive, eventually, no_agent_left};
 use crate::harness::{call, create, served_session, spawn_served_turn, spawn_turn, turn};
 use crate::harness::{real_server, real_server_in};
 
@@ -257,7 +257,7 @@ async fn real_acpx_cancel_and_timeout_leave_the_session_usable() {
 
 #[tokio::test]
 async fn real_acpx_survivors_of_a_sigkilled_server_are_stopped_at_start_up() {
-    use crate::harness::{real_served_env, serve};
+    use crate::harness::{real_served_env, serve, served_close, served_turn};
     let fake = FakeUpstream::start().await;
     fake.reply_when("HANGTWO", Reply::Hang);
     let dir = tempfile::tempdir().unwrap();
@@ -277,7 +277,6 @@ async fn real_acpx_survivors_of_a_sigkilled_server_are_stopped_at_start_up() {
     let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let data = dir.path().join("data");
     let mut served = serve(&data, &extra);
-    let client = reqwest::Client::new();
     let (token, id) = served_session(&served.url, admin).await;
     let pending = spawn_served_turn(&served.url, &token, &id, "remember HANGTWO");
     eventually("the hanging prompt reached the upstream", || {
@@ -300,14 +299,7 @@ async fn real_acpx_survivors_of_a_sigkilled_server_are_stopped_at_start_up() {
     let served = serve(&data, &extra);
     assert!(!alive(owner[0]), "start-up stopped the queue owner");
     assert!(owner_pids(&home).iter().all(|p| !owner.contains(p)));
-    let res = client
-        .post(format!("{}/sessions/{id}/turn", served.url))
-        .bearer_auth(&token)
-        .json(&json!({"prompt": "after the crash TURNAFTER", "timeout_secs": 60}))
-        .send()
-        .await
-        .unwrap();
-    let (st, v) = body(res).await;
+    let (st, v) = served_turn(&served.url, &token, &id, "after the crash TURNAFTER").await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["turn_index"], 2);
     let convo = conversation_text(&request_for(&fake, "TURNAFTER"));
@@ -321,13 +313,7 @@ async fn real_acpx_survivors_of_a_sigkilled_server_are_stopped_at_start_up() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(outcomes, ["abandoned", "ok"]);
-    let res = client
-        .delete(format!("{}/sessions/{id}", served.url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    assert_eq!(served_close(&served.url, &token, &id).await, 200);
     // The server itself runs with that HOME too.
     let server = served.child.id() as i32;
     eventually("closed: no agent left", || {
