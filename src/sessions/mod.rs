@@ -47,9 +47,10 @@ enum Kind {
     Creating,
     Turn,
     Closing,
-    /// Its idle agent is being stopped to stay within `CLAWDFORGE_MAX_WARM_AGENTS`; a turn
-    /// waits for that (a moment) rather than answering `busy`.
-    Evicting,
+    /// The warm-agent keeper is at work on it: stopping its idle agent to stay within
+    /// `CLAWDFORGE_MAX_WARM_AGENTS`, or noting its ended turn and starting the next turn's
+    /// client. A turn or a close waits for that (a moment) rather than racing it.
+    Upkeep,
 }
 
 #[derive(Clone)]
@@ -151,15 +152,15 @@ impl SessionManager {
                 Err(a) => match a.kind {
                     Kind::Closing => return Err(ApiError::SessionClosed),
                     Kind::Turn | Kind::Creating => return Err(ApiError::Busy),
-                    Kind::Evicting => a.finished(STOP_WAIT).await,
+                    Kind::Upkeep => a.finished(STOP_WAIT).await,
                 },
             }
         }
     }
 
-    /// Claims `id` to stop its idle agent; `None` while anything else runs in it.
-    fn claim_eviction(&self, id: &str) -> Option<Claim> {
-        self.claim(id, Kind::Evicting).ok()
+    /// Claims `id` for the warm-agent keeper; `None` while anything else runs in it.
+    fn claim_upkeep(&self, id: &str) -> Option<Claim> {
+        self.claim(id, Kind::Upkeep).ok()
     }
 
     /// Whether a turn is running in `id`.

@@ -171,6 +171,18 @@ async fn prestart(state: &Sessions, id: &str) {
     if state.shutdown.is_cancelled() || lock(&state.warm.clients).contains_key(id) {
         return;
     }
+    let record_id = lock(&state.warm.entries)
+        .get(id)
+        .map(|e| e.record_id.clone());
+    let warm = state
+        .home()
+        .zip(record_id)
+        .is_some_and(|(home, record_id)| {
+            acpx::queue_owner(&home, &record_id).is_some_and(|o| o.is_running())
+        });
+    if !warm {
+        return;
+    }
     let lookup = id.to_string();
     let Ok(Some(s)) = state.db.read(move |c| store::get(c, &lookup)).await else {
         return;
@@ -237,7 +249,7 @@ pub async fn enforce(state: &Sessions) -> usize {
         if over == 0 {
             break;
         }
-        let Some(_claim) = state.active.claim_eviction(&id) else {
+        let Some(_claim) = state.active.claim_upkeep(&id) else {
             continue;
         };
         // Its client first: the agent it would talk to is going.
@@ -252,17 +264,40 @@ pub async fn enforce(state: &Sessions) -> usize {
     stopped
 }
 
-/// Notes session `id`'s agent as just used, keeps the number alive within the limit and
-/// pre-starts its next client if it stayed warm.
+/// Notes session `id`'s agent as just used, pre-starts its next client and keeps the
+/// number alive within the limit. The caller holds the session's claim, so a close (which
+/// forgets the session first) cannot come between the note and the client it starts.
 pub async fn after_use(state: &Sessions, id: &str, record_id: &str, pooled: bool) {
     state.warm.touch(id, record_id, pooled);
+    prestart(state, id).await;
     enforce(state).await;
-    if lock(&state.warm.entries).contains_key(id) {
-        prestart(state, id).await;
-    }
 }
 
-/// Runs until shutdown: after every ended turn, [`after_use`]. At start-up it first
+/// Session `id`'s turn ended: if it is still open, [`after_use`] under the keeper's claim.
+/// Its eviction pass runs after the claim is let go, so the limit's order (idle open
+/// sessions before pooled ones) holds for this session too.
+async fn after_turn(state: &Sessions, id: &str) {
+    {
+        // Without the claim, a close that began after the turn ended would have forgotten
+        // the session before this note, and the client started here would wait forever
+        // for a turn of a closed session. A turn that began since reports its own end.
+        let Some(_claim) = state.active.claim_upkeep(id) else {
+            return;
+        };
+        let lookup = id.to_string();
+        let Ok(Some(s)) = state.db.read(move |c| store::get(c, &lookup)).await else {
+            return;
+        };
+        let (true, Some(record_id)) = (s.status == "open", s.acpx_record_id) else {
+            return;
+        };
+        state.warm.touch(id, &record_id, false);
+        prestart(state, id).await;
+    }
+    enforce(state).await;
+}
+
+/// Runs until shutdown: after every ended turn, [`after_turn`]. At start-up it first
 /// adopts the agents a previous process left warm for open sessions (oldest use first).
 pub fn spawn_keeper(state: Sessions, mut turn_ended: mpsc::UnboundedReceiver<String>) {
     tokio::spawn(async move {
@@ -291,13 +326,7 @@ pub fn spawn_keeper(state: Sessions, mut turn_ended: mpsc::UnboundedReceiver<Str
                     None => break,
                 },
             };
-            let lookup = id.clone();
-            let row = state.db.read(move |c| store::get(c, &lookup)).await;
-            if let Ok(Some(s)) = row {
-                if let (true, Some(record_id)) = (s.status == "open", s.acpx_record_id) {
-                    after_use(&state, &id, &record_id, false).await;
-                }
-            }
+            after_turn(&state, &id).await;
         }
     });
 }

@@ -334,17 +334,23 @@ pub async fn eventually(what: &str, cond: impl FnMut() -> bool) {
 
 /// [`eventually`] with its own bound, for what the real agents do in the background
 /// (starting one takes several seconds on a loaded machine).
-pub async fn eventually_within(
+pub async fn eventually_within(what: &str, limit: std::time::Duration, cond: impl FnMut() -> bool) {
+    eventually_saying(what, limit, cond, String::new).await
+}
+
+/// [`eventually_within`] whose timeout also says what `detail` reads then (which
+/// processes are left, say), for failures that happen only on a loaded CI machine.
+pub async fn eventually_saying(
     what: &str,
     limit: std::time::Duration,
     mut cond: impl FnMut() -> bool,
+    detail: impl Fn() -> String,
 ) {
     let deadline = std::time::Instant::now() + limit;
     while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
+        if std::time::Instant::now() >= deadline {
+            panic!("timed out waiting for: {what}{}", detail());
+        }
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
 }
@@ -839,9 +845,24 @@ pub fn usage_ledger(s: &TestServer, token_id: &str) -> (i64, i64) {
 
 /// Waits until no process started with `HOME=home` is left (no agent, no acpx client).
 pub async fn no_agent_left(home: &Path) {
-    eventually("no agent process is left", || {
-        agent_processes(home).is_empty()
-    })
+    eventually_saying(
+        "no agent process is left",
+        std::time::Duration::from_secs(15),
+        || agent_processes(home).is_empty(),
+        || {
+            let left: Vec<String> = agent_processes(home)
+                .into_iter()
+                .map(|pid| {
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    format!(
+                        "{pid}: {}",
+                        String::from_utf8_lossy(&cmd).replace('\0', " ")
+                    )
+                })
+                .collect();
+            format!("; left: {left:?}")
+        },
+    )
     .await;
 }
 

@@ -29,30 +29,6 @@ fn rw(s: &TestServer) -> rusqlite::Connection {
     c
 }
 
-/// The children's `HOME` in the test config.
-fn home(s: &TestServer) -> PathBuf {
-    s.dir.path().join("home")
-}
-
-/// Live processes started with `HOME=home`: this test's acpx stubs and queue owners, and
-/// nobody else's.
-fn processes_with_home(home: &Path) -> Vec<i32> {
-    let needle = format!("HOME={}", home.display());
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) && alive(pid) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// Reads an SSE response until `needle` has arrived; returns what was read.
 async fn read_until(res: &mut reqwest::Response, needle: &str) -> String {
     let mut text = String::new();
@@ -664,7 +640,7 @@ async fn twenty_sessions_leave_no_processes_behind() {
     })
     .await;
     let home = home(&s);
-    let before = processes_with_home(&home).len();
+    let before = agent_processes(&home).len();
     let (_, t) = s.mint("a").await;
     let mut ids = Vec::new();
     for i in 0..20 {
@@ -673,7 +649,7 @@ async fn twenty_sessions_leave_no_processes_behind() {
         assert_eq!(st, 200, "{v}");
         ids.push(id);
     }
-    let owners = processes_with_home(&home).len() - before;
+    let owners = agent_processes(&home).len() - before;
     assert_eq!(
         owners, 20,
         "one queue owner per session while they are open"
@@ -692,7 +668,7 @@ async fn twenty_sessions_leave_no_processes_behind() {
     let report = clawdforge::sweeper::sweep_once(&s.state.sweep).await;
     assert_eq!(report.sessions_closed, 10);
     eventually("every queue owner is gone", || {
-        processes_with_home(&home).len() == before
+        agent_processes(&home).len() == before
     })
     .await;
     assert_eq!(

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::fake_upstream::{conversation_text, FakeUpstream, Reply};
 use crate::harness::{alive, eventually, eventually_within, no_agent_left, TestServer};
-use crate::harness::{call, create, real_server, turn};
+use crate::harness::{call, create, open_session, real_server, turn};
 use crate::harness::{client_pids, home, owner_pids, request_for};
 
 /// Starting a real agent takes 5–15 s on a loaded 2-core machine.
@@ -138,6 +138,65 @@ fn message_posts(fake: &FakeUpstream) -> usize {
         .iter()
         .filter(|r| r.method == "POST" && r.path.starts_with("/v1/messages"))
         .count()
+}
+
+/// A close that comes right after a turn leaves no client waiting for a turn of a closed
+/// session, even when the warm-agent keeper notes that turn only after the close began:
+/// the keeper works under the session's claim and skips a session that is closing. Here
+/// the keeper is held up by design (with one warm agent allowed, B's ended turn makes it
+/// stop A's agent, which ignores SIGTERM and so takes the kill grace), C's turn ends and
+/// C's close begins meanwhile, and that close keeps the row open for seconds (its `acpx
+/// sessions close` is slow). Without the claim the keeper's late note of C's turn started
+/// a client for C that waited forever.
+#[tokio::test]
+async fn a_close_begun_before_the_keeper_notes_the_turn_leaves_no_client() {
+    let s = TestServer::start_with(|c| {
+        c.settings.warm_pool = 0;
+        c.settings.sweep_interval_secs = 3600;
+        c.settings.max_warm_agents = 1;
+        for (k, v) in [
+            ("CLAUDE_STUB_QUEUE_OWNER", "1"),
+            ("CLAUDE_STUB_QUEUE_LOCK", "1"),
+            ("CLAUDE_STUB_OWNER_IGNORES_TERM", "1"),
+            ("CLAUDE_STUB_CLOSE_DELAY_SECS", "5"),
+        ] {
+            c.child_env_overrides.push((k.into(), v.into()));
+        }
+    })
+    .await;
+    let home = home(&s);
+    let (_, t) = s.mint("a").await;
+    let (a, b, c) = (
+        open_session(&s, &t).await,
+        open_session(&s, &t).await,
+        open_session(&s, &t).await,
+    );
+    let (st, v) = turn(&s, &t, &a, json!({"prompt": "one"})).await;
+    assert_eq!(st, 200, "{v}");
+    // The stub's owner writes acpx's lock, so A's agent counts as warm and gets a client.
+    eventually("A's next client is started", || {
+        s.state.sessions.warm_stats().clients == 1
+    })
+    .await;
+
+    let (st, v) = turn(&s, &t, &b, json!({"prompt": "two"})).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = turn(&s, &t, &c, json!({"prompt": "three"})).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = call(&s, &t, Method::DELETE, &format!("/sessions/{c}")).await;
+    assert_eq!((st, &v["status"]), (200, &json!("closed")), "{v}");
+    // C's own turn client exits with its turn; nothing else may wait for C.
+    eventually("no acpx client of the closed session is left", || {
+        client_pids(&home, &c).is_empty()
+    })
+    .await;
+
+    for id in [&a, &b] {
+        let (st, _) = call(&s, &t, Method::DELETE, &format!("/sessions/{id}")).await;
+        assert_eq!(st, 200);
+    }
+    assert_eq!(warm_sessions(&s).await["clients"], 0);
+    no_agent_left(&home).await;
 }
 
 #[tokio::test]
