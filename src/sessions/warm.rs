@@ -264,23 +264,26 @@ pub async fn enforce(state: &Sessions) -> usize {
     stopped
 }
 
-/// Notes session `id`'s agent as just used, pre-starts its next client and keeps the
-/// number alive within the limit. The caller holds the session's claim, so a close (which
-/// forgets the session first) cannot come between the note and the client it starts.
+/// Notes session `id`'s agent as just used, keeps the number alive within the limit and
+/// pre-starts its next client if it stayed warm. The caller holds the session's claim, so
+/// a close (which forgets the session first) cannot come between the note and the client.
 pub async fn after_use(state: &Sessions, id: &str, record_id: &str, pooled: bool) {
     state.warm.touch(id, record_id, pooled);
-    prestart(state, id).await;
     enforce(state).await;
+    if lock(&state.warm.entries).contains_key(id) {
+        prestart(state, id).await;
+    }
 }
 
-/// Session `id`'s turn ended: if it is still open, [`after_use`] under the keeper's claim.
-/// Its eviction pass runs after the claim is let go, so the limit's order (idle open
-/// sessions before pooled ones) holds for this session too.
+/// Session `id`'s turn ended: [`after_use`], with the session claimed by the keeper for
+/// the note and again for the client, and let go for the eviction pass between them (so
+/// the limit's order, idle open sessions before pooled ones, holds for this one too).
+/// Without the claims, a close that began after the turn ended would have forgotten the
+/// session before this note, and the client started here, the row being open until the
+/// close finished, would wait forever for a turn of a closed session. A session that is
+/// closing, or in a turn again (which reports its own end), is skipped.
 async fn after_turn(state: &Sessions, id: &str) {
     {
-        // Without the claim, a close that began after the turn ended would have forgotten
-        // the session before this note, and the client started here would wait forever
-        // for a turn of a closed session. A turn that began since reports its own end.
         let Some(_claim) = state.active.claim_upkeep(id) else {
             return;
         };
@@ -292,9 +295,16 @@ async fn after_turn(state: &Sessions, id: &str) {
             return;
         };
         state.warm.touch(id, &record_id, false);
-        prestart(state, id).await;
     }
     enforce(state).await;
+    let Some(_claim) = state.active.claim_upkeep(id) else {
+        return;
+    };
+    // Still warm and not forgotten by a close that ran during the pass (`prestart` reads
+    // the row again, so one that finished is seen closed).
+    if lock(&state.warm.entries).contains_key(id) {
+        prestart(state, id).await;
+    }
 }
 
 /// Runs until shutdown: after every ended turn, [`after_turn`]. At start-up it first
