@@ -663,3 +663,31 @@ async fn a_client_that_stops_reading_cannot_delay_the_deadline() {
     eventually("the stub's group is gone", || !alive(pid)).await;
     drop(conn);
 }
+
+/// A stream that is quiet (the model thinks for a long time) still sends an SSE comment
+/// line at least every 15 s, so a proxy or client read timeout does not take it for dead;
+/// the run's result has not come, so the comment is the keep-alive and nothing else.
+#[tokio::test]
+async fn a_quiet_stream_sends_a_comment_line_before_its_result() {
+    let s = TestServer::start().await;
+    let (_, t) = s.mint("app").await;
+    let mut res = stream_run(
+        &s,
+        &t,
+        json!({"prompt": "@stub:sleep=120", "stream": true, "timeout_secs": 120}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let mut text = String::new();
+    while !text.split('\n').any(|l| l.starts_with(':')) {
+        let chunk = tokio::time::timeout(Duration::from_secs(60), res.chunk())
+            .await
+            .expect("a keep-alive comment within a minute")
+            .unwrap()
+            .expect("the stream is still open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!text.contains("event: result"), "{text}");
+    drop(res);
+    run_outcome_becomes(&s, "abandoned").await;
+}
