@@ -267,10 +267,11 @@ impl Sessions {
         pool::spawn_keeper(self.clone());
     }
 
-    /// Shutdown: the pool's sessions are discarded and pre-started clients stopped.
+    /// Shutdown: the keepers are joined, the pool's sessions discarded and pre-started
+    /// clients stopped.
     pub async fn shutdown(&self) {
         pool::shutdown(self).await;
-        self.warm.discard_all_clients().await;
+        warm::shutdown(self).await;
     }
 
     /// What `/healthz` shows as `warm_sessions`.

@@ -67,6 +67,8 @@ pub struct WarmAgents {
     entries: Mutex<HashMap<String, Entry>>,
     clock: AtomicU64,
     clients: Mutex<HashMap<String, Client>>,
+    /// The keeper's task, joined at shutdown before the clients are stopped.
+    keeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -149,8 +151,8 @@ impl WarmAgents {
         }
     }
 
-    /// Stops every pre-started client and waits for them (shutdown).
-    pub async fn discard_all_clients(&self) {
+    /// Stops every pre-started client and waits for them.
+    async fn discard_all_clients(&self) {
         let all: Vec<Client> = lock(&self.clients).drain().map(|(_, c)| c).collect();
         let stops = all
             .into_iter()
@@ -310,7 +312,8 @@ async fn after_turn(state: &Sessions, id: &str) {
 /// Runs until shutdown: after every ended turn, [`after_turn`]. At start-up it first
 /// adopts the agents a previous process left warm for open sessions (oldest use first).
 pub fn spawn_keeper(state: Sessions, mut turn_ended: mpsc::UnboundedReceiver<String>) {
-    tokio::spawn(async move {
+    let keeper = state.warm.clone();
+    let task = tokio::spawn(async move {
         if let Some(home) = state.home() {
             let open = state
                 .db
@@ -339,6 +342,18 @@ pub fn spawn_keeper(state: Sessions, mut turn_ended: mpsc::UnboundedReceiver<Str
             after_turn(&state, &id).await;
         }
     });
+    *lock(&keeper.keeper) = Some(task);
+}
+
+/// Shutdown: waits for the keeper (a client it is starting is in the map once it returns),
+/// then stops every pre-started client. Stopping them first would miss one the keeper
+/// started a moment later, and nothing would ever stop that one.
+pub async fn shutdown(state: &Sessions) {
+    let keeper = lock(&state.warm.keeper).take();
+    if let Some(keeper) = keeper {
+        let _ = keeper.await;
+    }
+    state.warm.discard_all_clients().await;
 }
 
 /// The numbers `/healthz` shows.

@@ -100,6 +100,12 @@ async fn real_acpx_carries_context_across_turns_and_a_restart() {
     // A graceful restart leaves the idle warm agent to the next server process.
     let dir = s.stop().await;
     assert!(alive(owner[0]));
+    // Not the client started ahead for the next turn: it goes with the server, even when
+    // the keeper was still starting it as the server stopped.
+    eventually("the stopped server's client is gone", || {
+        client_pids(&home, &id).is_empty()
+    })
+    .await;
     let s = real_server_in(&fake, dir, tweak).await;
     let started = Instant::now();
     let (st, v) = turn(&s, &t, &id, json!({"prompt": "and again TURNTHREE"})).await;
