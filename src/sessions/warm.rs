@@ -108,9 +108,9 @@ impl WarmAgents {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let (live, dead): (Vec<_>, Vec<_>) = snapshot.into_iter().partition(|(_, e)| {
-            acpx::queue_owner(home, &e.record_id).is_some_and(|o| o.is_running())
-        });
+        let (live, dead): (Vec<_>, Vec<_>) = snapshot
+            .into_iter()
+            .partition(|(_, e)| owner_running(home, &e.record_id));
         for (id, e) in dead {
             let mut map = lock(&self.entries);
             // Only if untouched since: a turn may have just started its agent again.
@@ -161,28 +161,21 @@ impl WarmAgents {
     }
 }
 
+/// Whether the queue owner (the agent) of acpx record `record_id` is running now.
+fn owner_running(home: &Path, record_id: &str) -> bool {
+    acpx::queue_owner(home, record_id).is_some_and(|o| o.is_running())
+}
+
 /// Stops a client's group in the background (SIGTERM, then SIGKILL), reaping it.
 fn stop(mut proc: Proc) {
     tokio::spawn(async move { proc.terminate().await });
 }
 
-/// Starts the next turn's client for session `id` if it is open, its agent is warm and it
-/// has none yet. The argv is the server's default permission mode's unless the owner's
+/// Starts the next turn's client for session `id` if it is open and has none yet; the
+/// caller has just found its agent warm (an eviction pass drops entries whose owner died). The argv is the server's default permission mode's unless the owner's
 /// token says otherwise, read now; a later change makes the turn discard it.
 async fn prestart(state: &Sessions, id: &str) {
     if state.shutdown.is_cancelled() || lock(&state.warm.clients).contains_key(id) {
-        return;
-    }
-    let record_id = lock(&state.warm.entries)
-        .get(id)
-        .map(|e| e.record_id.clone());
-    let warm = state
-        .home()
-        .zip(record_id)
-        .is_some_and(|(home, record_id)| {
-            acpx::queue_owner(&home, &record_id).is_some_and(|o| o.is_running())
-        });
-    if !warm {
         return;
     }
     let lookup = id.to_string();
@@ -324,7 +317,7 @@ pub fn spawn_keeper(state: Sessions, mut turn_ended: mpsc::UnboundedReceiver<Str
             open.sort_by_key(|s| s.last_used_at);
             for s in open {
                 if let Some(record_id) = s.acpx_record_id.as_deref() {
-                    if acpx::queue_owner(&home, record_id).is_some_and(|o| o.is_running()) {
+                    if owner_running(&home, record_id) {
                         state.warm.touch(&s.session_id, record_id, false);
                     }
                 }

@@ -287,6 +287,12 @@ pub async fn body(res: Response) -> (u16, Value) {
     (status, v)
 }
 
+/// The command line of `pid`, its arguments joined by spaces (`None` once it is gone).
+pub fn cmdline(pid: i32) -> Option<String> {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(String::from_utf8_lossy(&cmd).replace('\0', " "))
+}
+
 /// Every process whose command line mentions `needle` (from /proc).
 #[allow(dead_code)] // for tests of processes started outside a run dir (acpx queue owners)
 pub fn processes_matching(needle: &str) -> Vec<(i32, String)> {
@@ -299,10 +305,9 @@ pub fn processes_matching(needle: &str) -> Vec<(i32, String)> {
         if pid == me {
             continue;
         }
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+        let Some(cmd) = cmdline(pid) else {
             continue;
         };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         // Zombies have an empty cmdline; they hold no resources beyond a pid, but a test
         // that leaks them should still see them, so read the state too.
         if cmd.contains(needle) {
@@ -852,13 +857,7 @@ pub async fn no_agent_left(home: &Path) {
         || {
             let left: Vec<String> = agent_processes(home)
                 .into_iter()
-                .map(|pid| {
-                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    format!(
-                        "{pid}: {}",
-                        String::from_utf8_lossy(&cmd).replace('\0', " ")
-                    )
-                })
+                .map(|pid| format!("{pid}: {}", cmdline(pid).unwrap_or_default()))
                 .collect();
             format!("; left: {left:?}")
         },
