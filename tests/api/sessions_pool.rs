@@ -330,6 +330,16 @@ fn turn_warm(s: &TestServer, id: &str) -> Vec<Option<bool>> {
     rows.map(Result::unwrap).collect()
 }
 
+/// Waits until session `id` has one acpx client waiting and the server holds it (the
+/// process shows in /proc a moment before the server has put it in its map); its pid.
+async fn waiting_client(s: &TestServer, home: &Path, id: &str, what: &str) -> i32 {
+    eventually_within(what, AGENT_START, || {
+        client_pids(home, id).len() == 1 && s.state.sessions.warm_stats().clients == 1
+    })
+    .await;
+    client_pids(home, id)[0]
+}
+
 #[tokio::test]
 async fn real_acpx_the_next_turn_takes_the_client_started_for_it_unless_it_no_longer_fits() {
     let fake = FakeUpstream::start().await;
@@ -350,11 +360,7 @@ async fn real_acpx_the_next_turn_takes_the_client_started_for_it_unless_it_no_lo
     assert_eq!(st, 200, "{v}");
 
     // Started ahead once the turn ended, waiting on stdin.
-    eventually_within("the next turn's client is started", AGENT_START, || {
-        client_pids(&home, &id).len() == 1
-    })
-    .await;
-    let first = client_pids(&home, &id)[0];
+    let first = waiting_client(&s, &home, &id, "the next turn's client is started").await;
     assert_eq!(warm_sessions(&s).await["clients"], 1);
     let (st, v) = turn(&s, &t, &id, json!({"prompt": "which fruit PRETWO"})).await;
     assert_eq!((st, &v["text"]), (200, &json!("It was plum.")), "{v}");
@@ -372,11 +378,8 @@ async fn real_acpx_the_next_turn_takes_the_client_started_for_it_unless_it_no_lo
 
     // The token's permission mode changes: the client started with the old one is
     // stopped, never used, and the turn runs its own.
-    eventually_within("another client is started", AGENT_START, || {
-        client_pids(&home, &id).iter().any(|p| *p != first)
-    })
-    .await;
-    let second = client_pids(&home, &id)[0];
+    let second = waiting_client(&s, &home, &id, "another client is started").await;
+    assert_ne!(second, first);
     let (st, v) =
         crate::harness::patch(&s, &token_id, json!({"session_permissions": "deny-all"})).await;
     assert_eq!(st, 200, "{v}");
@@ -386,11 +389,7 @@ async fn real_acpx_the_next_turn_takes_the_client_started_for_it_unless_it_no_lo
     assert_eq!(turn_warm(&s, &id), [Some(false), Some(true), Some(false)]);
 
     // Closing stops the client waiting for a turn that will not come.
-    eventually_within("a client for the new mode is started", AGENT_START, || {
-        client_pids(&home, &id).len() == 1
-    })
-    .await;
-    let third = client_pids(&home, &id)[0];
+    let third = waiting_client(&s, &home, &id, "a client for the new mode is started").await;
     let (st, _) = call(&s, &t, Method::DELETE, &format!("/sessions/{id}")).await;
     assert_eq!(st, 200);
     eventually("the waiting client is stopped", || !alive(third)).await;
