@@ -18,7 +18,9 @@
 //! queue owner yet, so stopping it is harmless). A turn takes it only if its argv is the
 //! one the turn would run now (the token's permission mode, the model, the system prompt,
 //! the TTL setting); any other is stopped, never used. Eviction, close and shutdown stop
-//! it too. So there are never more clients than warm agents.
+//! it too, and so does the eviction pass once its agent has gone (until then its turn
+//! could still take it: it starts the agent again). So there are never more clients than
+//! sessions the keeper holds warm.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -123,9 +125,18 @@ impl WarmAgents {
         live
     }
 
-    /// How many session agents are alive now (reads acpx's lock files; spawns nothing).
+    /// How many session agents are alive now. It reads acpx's lock files and changes
+    /// nothing: `/healthz` may be polled every second, and a probe must not stop a client
+    /// on one reading (the eviction pass after the next ended turn prunes).
     pub fn agents(&self, home: Option<&Path>) -> usize {
-        home.map_or(0, |h| self.alive(h).len())
+        let Some(home) = home else {
+            return 0;
+        };
+        let records: Vec<String> = lock(&self.entries)
+            .values()
+            .map(|e| e.record_id.clone())
+            .collect();
+        records.iter().filter(|r| owner_running(home, r)).count()
     }
 
     /// How many clients wait for a turn.
